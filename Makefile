@@ -1,0 +1,42 @@
+# `make demo` and `make test` do all set-up on a fresh machine: they create .venv,
+# install the pinned dependencies, build the op library, then run.
+PYTHON ?= python3
+TORCH_VERSION ?= 2.13.0
+VENV := .venv
+PY := $(VENV)/bin/python
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h')
+TORCH_INCLUDES = $(shell $(PY) -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I' + p for p in include_paths()))")
+
+.PHONY: demo test bench build cuda-check clean
+
+demo: $(VENV)/.built
+	$(PY) -m fastprune.demo
+
+test: $(VENV)/.built
+	$(PY) -m pytest -q tests
+
+bench: $(VENV)/.built
+	$(PY) -m pytest -q benchmarks --benchmark-only
+
+build: $(VENV)/.built
+
+$(VENV)/.deps: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+# --no-build-isolation: compile against the torch in .venv, never a freshly resolved one.
+$(VENV)/.built: $(VENV)/.deps setup.py pyproject.toml $(CSRC)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+# Compile-only check of every CUDA file (runs without a GPU or CUDA-enabled torch).
+cuda-check: $(VENV)/.deps
+	@for f in csrc/cuda/*.cu; do \
+		echo "nvcc -ptx $$f"; \
+		nvcc -ptx -arch=sm_80 -std=c++20 -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE $(TORCH_INCLUDES) $$f -o /dev/null || exit 1; \
+	done
+
+clean:
+	rm -rf build *.egg-info fastprune/*.so $(VENV)/.built

@@ -1,0 +1,19 @@
+"""fastprune: fast, exact pruning for PyTorch.
+
+Quick start::
+
+    import fastprune
+    masks = fastprune.prune(model, fastprune.criteria.Magnitude(), sparsity=0.9)
+    fastprune.sparsity_report(model)
+    fastprune.remove_masks(model)  # make it permanent
+"""
+from . import _ops, criteria
+from ._ops import kth_smallest
+from .masks import apply_masks, load_pruned_state_dict, remove_masks
+from .pruning import geometric_schedule, prune
+from .report import sparsity_report
+from .targets import find_targets
+
+__version__ = "0.1.0"
+__all__ = ["prune", "criteria", "apply_masks", "remove_masks", "load_pruned_state_dict", "sparsity_report",
+           "find_targets", "geometric_schedule", "kth_smallest"]

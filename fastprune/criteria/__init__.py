@@ -1,0 +1,7 @@
+"""Pruning criteria. Each is a :class:`Criterion`: ``scores(...)`` returns a dict of
+per-weight scores (lower = pruned first) keyed like ``model.named_parameters()``."""
+from .base import Criterion
+from .magnitude import Magnitude
+from .random import Random, erk_densities
+
+__all__ = ["Criterion", "Magnitude", "Random", "erk_densities"]

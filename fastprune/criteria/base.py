@@ -1,0 +1,36 @@
+"""The criterion interface shared by every pruning criterion."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["Criterion"]
+
+
+class Criterion:
+    """Scores weights for pruning: lower scores are pruned first.
+
+    Subclasses implement :meth:`scores`. The returned dict, keyed like
+    ``model.named_parameters()`` (``_orig`` dropped), can also be passed as
+    ``importance_scores`` to ``torch.nn.utils.prune.global_unstructured``.
+    """
+
+    #: Whether :meth:`scores` needs ``data`` (and ``loss_fn``).
+    requires_data: bool = False
+
+    def scores(self, model: nn.Module, params: dict[str, torch.Tensor], data=None, loss_fn=None
+               ) -> dict[str, torch.Tensor]:
+        """Returns one score tensor per entry of ``params`` (same shape).
+
+        ``params`` maps names to the current effective (masked) weights.
+        """
+        raise NotImplementedError
+
+    def allocation(self, params: dict[str, torch.Tensor], sparsity: float) -> dict[str, float] | None:
+        """Per-tensor sparsities, for criteria that fix them (e.g. ERK); None lets
+        ``fastprune.prune``'s ``scope`` decide."""
+        return None
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"

@@ -1,0 +1,162 @@
+"""``fastprune.prune``: one entry point for every criterion, scope and schedule."""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+from tqdm.auto import tqdm
+
+from .criteria.base import Criterion
+from .masks import apply_masks
+from .select import keep_counts, threshold_masks
+from .targets import Target, find_targets
+
+__all__ = ["prune", "geometric_schedule"]
+
+
+def geometric_schedule(sparsity: float, steps: int) -> list[float]:
+    """Sparsities 1 - (1 - s)^(k / steps), k = 1..steps: each step removes the same
+    fraction of the weights still alive."""
+    return [1.0 - (1.0 - sparsity) ** (k / steps) for k in range(1, steps + 1)]
+
+
+class _Snapshot:
+    """Weights and masks of the targets, to restore if a multi-step call fails."""
+
+    def __init__(self, targets: list[Target]):
+        self.state = [(t, t.param.detach().clone(), None if t.mask is None else t.mask.clone()) for t in targets]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for t, weight, mask in self.state:
+            if mask is None and t.mask is not None:
+                torch_prune.remove(t.module, t.tensor_name)
+            elif mask is not None:
+                t.mask.copy_(mask)
+            t.param.copy_(weight)
+            if mask is not None:
+                setattr(t.module, t.tensor_name, t.param * t.mask)
+
+
+def _check_scores(criterion: Criterion, scores, targets: list[Target]) -> list[torch.Tensor]:
+    if not isinstance(scores, dict):
+        raise TypeError(f"{criterion!r}.scores returned {type(scores).__name__}, expected a dict of tensors")
+    missing = [t.name for t in targets if t.name not in scores]
+    if missing:
+        raise ValueError(f"{criterion!r} returned no scores for {missing}")
+    out = []
+    for t in targets:
+        s = scores[t.name]
+        if not isinstance(s, torch.Tensor) or s.shape != t.weight.shape:
+            shape = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
+            raise ValueError(f"{criterion!r} returned scores of shape {shape} for {t.name!r}, "
+                             f"expected {tuple(t.weight.shape)}")
+        if not s.is_floating_point():
+            s = s.float()
+        if not bool(torch.isfinite(s).all()):
+            bad = int((~torch.isfinite(s)).sum())
+            raise ValueError(f"{criterion!r} returned {bad} non-finite score(s) (NaN or inf) for {t.name!r}; "
+                             "check the model, data and loss for NaN/inf")
+        out.append(s.detach())
+    dtype = out[0].dtype
+    for s in out[1:]:
+        dtype = torch.promote_types(dtype, s.dtype)
+    return [s.to(dtype) for s in out]
+
+
+def _check_capacity(targets: list[Target], keep: list[int], sparsity: float, per_tensor: list[float] | None,
+                    scope: str) -> None:
+    alive = [t.numel if t.mask is None else int(t.mask.count_nonzero()) for t in targets]
+    max_pruned = [t.numel - min(c, a) for t, c, a in zip(targets, keep, alive)]
+    if per_tensor is None and scope == "global":
+        total = sum(t.numel for t in targets)
+        if round(sparsity * total) > sum(max_pruned):
+            raise ValueError(f"sparsity={sparsity} would prune {round(sparsity * total)} of {total} weights, "
+                             f"but min_keep allows at most {sum(max_pruned)} "
+                             f"(sparsity {sum(max_pruned) / total:.4f}); lower sparsity or min_keep")
+        return
+    for i, t in enumerate(targets):
+        sp = sparsity if per_tensor is None else per_tensor[i]
+        if round(sp * t.numel) > max_pruned[i]:
+            raise ValueError(f"sparsity {sp:.4f} of {t.name!r} would prune {round(sp * t.numel)} of its "
+                             f"{t.numel} weights, but min_keep allows at most {max_pruned[i]}; "
+                             "lower sparsity or min_keep")
+
+
+def prune(model: nn.Module, criterion: Criterion, sparsity: float, *, data: Iterable | None = None,
+          loss_fn=None, scope: str = "global", steps: int = 1,
+          modules: Iterable[str | type] | str | type | None = None, min_keep: int | float = 1,
+          progress: bool = True) -> dict[str, torch.Tensor]:
+    """Prunes ``model`` in place to ``sparsity`` using ``criterion``'s scores.
+
+    Args:
+        model: any ``nn.Module``. Its ``weight`` tensors are reparametrised as
+            ``torch.nn.utils.prune`` does (``weight_orig``, ``weight_mask``, a hook).
+        criterion: a :class:`fastprune.criteria.Criterion`; lower scores go first.
+        sparsity: fraction of the selected weights to prune, in [0, 1). Weights
+            already pruned count towards it and stay pruned.
+        data, loss_fn: batches ``(inputs, targets)`` and a per-sample loss, for
+            criteria that need them (``criterion.requires_data``).
+        scope: ``"global"`` (one threshold across all tensors) or ``"layer"`` (each
+            tensor pruned to ``sparsity``). Criteria that fix per-tensor sparsities
+            (``Random(distribution="erk")``) override it.
+        steps: reach ``sparsity`` in ``steps`` steps of the geometric schedule
+            1 - (1 - s)^(k/steps), re-scoring the pruned model before each step.
+        modules: module names and/or types to prune; default every Linear,
+            Conv1d, Conv2d and Conv3d weight.
+        min_keep: weights every tensor keeps (a count, or a fraction in (0, 1) of
+            the tensor), which prevents layer collapse under a global threshold.
+        progress: show a progress bar over the steps.
+
+    Returns:
+        The applied keep-masks (bool, True = kept), keyed by parameter name as in
+        ``model.named_parameters()`` without the ``_orig`` suffix.
+
+    On any error the model's weights and masks are left as they were.
+
+    Example::
+
+        masks = fastprune.prune(model, fastprune.criteria.Magnitude(), 0.9)
+    """
+    if not isinstance(criterion, Criterion):
+        raise TypeError(f"criterion must be a fastprune.criteria.Criterion, got {type(criterion).__name__}")
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be a fraction in [0, 1), got {sparsity!r} (0.9 prunes 90% of the weights)")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if scope not in ("global", "layer"):
+        raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+    if criterion.requires_data and data is None:
+        raise ValueError(f"{criterion!r} needs data: pass data=... (batches of (inputs, targets)) and loss_fn")
+    sparsity = float(sparsity)
+    targets = find_targets(model, modules)
+    keep = keep_counts([t.numel for t in targets], min_keep)
+
+    def params() -> dict[str, torch.Tensor]:
+        return {t.name: t.weight.detach() for t in targets}
+
+    final_alloc = criterion.allocation(params(), sparsity)
+    per_tensor = None if final_alloc is None else [final_alloc[t.name] for t in targets]
+    _check_capacity(targets, keep, sparsity, per_tensor, scope)
+
+    snapshot = _Snapshot(targets) if steps > 1 else None
+    try:
+        masks: dict[str, torch.Tensor] = {}
+        for step_sparsity in tqdm(geometric_schedule(sparsity, steps), desc="pruning", disable=not progress):
+            current = params()
+            scores = _check_scores(criterion, criterion.scores(model, current, data, loss_fn), targets)
+            alloc = criterion.allocation(current, step_sparsity)
+            amount = (step_sparsity if scope == "global" else [step_sparsity] * len(targets)) if alloc is None \
+                else [alloc[t.name] for t in targets]
+            new = threshold_masks(scores, [t.mask for t in targets], keep, amount)
+            del scores
+            masks = {t.name: m for t, m in zip(targets, new)}
+            apply_masks(model, masks)
+    except BaseException:
+        if snapshot is not None:
+            snapshot.restore()
+        raise
+    return masks
