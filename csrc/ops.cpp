@@ -18,4 +18,15 @@ TORCH_LIBRARY(fastprune, m) {
   // strictly smaller than value); ties at value are broken by the caller in
   // (tensor index, flat index) order.
   m.def("kth_smallest(Tensor[] tensors, int k) -> (Tensor, Tensor)");
+
+  // Per-sample gradient statistics of a grouped linear map (see grad_stats.h):
+  // x (N, G, T, K) inputs, dy (N, G, T, O) output gradients, per-sample gradient
+  // G_n = sum_t dy[n,:,t]^T x[n,:,t] of shape (G, O, K).
+  // Sums over samples of G_n and of G_n^2 (elementwise), each (G, O, K).
+  m.def("grad_sq(Tensor x, Tensor dy) -> (Tensor, Tensor)");
+  // All G_n as an (N, G*O*K) tensor (the low-rank WoodFisher path).
+  m.def("per_sample_grads(Tensor x, Tensor dy) -> Tensor");
+  // blocks[b] += sum_n G_n[b] G_n[b]^T over blocks of B consecutive weights of the
+  // flattened G_n; blocks is (ceil(G*O*K / B), B, B), the last block zero-padded.
+  m.def("grad_blocks_accumulate(Tensor x, Tensor dy, Tensor(a!) blocks) -> ()");
 }

@@ -16,7 +16,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
         "`pip install --no-build-isolation -e .` (torch must be installed first)."
     ) from exc
 
-__all__ = ["kth_smallest", "has_cuda_kernels"]
+__all__ = ["kth_smallest", "grad_sq", "per_sample_grads", "grad_blocks_accumulate", "has_cuda_kernels"]
 
 
 @torch.library.register_fake("fastprune::kth_smallest")
@@ -24,6 +24,46 @@ def _kth_smallest_fake(tensors, k):
     torch._check(len(tensors) > 0, lambda: "kth_smallest: got an empty list of tensors")
     ref = tensors[0]
     return ref.new_empty(()), ref.new_empty((), dtype=torch.long)
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("fastprune::grad_sq")
+def _grad_sq_fake(x, dy):
+    shape = (x.shape[1], dy.shape[3], x.shape[3])
+    return x.new_empty(shape, dtype=_acc_dtype(x)), x.new_empty(shape, dtype=_acc_dtype(x))
+
+
+@torch.library.register_fake("fastprune::per_sample_grads")
+def _per_sample_grads_fake(x, dy):
+    return x.new_empty((x.shape[0], x.shape[1] * dy.shape[3] * x.shape[3]), dtype=_acc_dtype(x))
+
+
+@torch.library.register_fake("fastprune::grad_blocks_accumulate")
+def _grad_blocks_accumulate_fake(x, dy, blocks):
+    return None
+
+
+def grad_sq(x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums over samples of the per-sample gradients G_n and of G_n**2 of a grouped
+    linear map with inputs ``x`` (N, G, T, K) and output gradients ``dy`` (N, G, T, O),
+    where G_n = sum_t dy[n, :, t]^T x[n, :, t]. Each result is (G, O, K), float32 for
+    16-bit inputs. Per-sample gradients are only formed a tile at a time."""
+    return torch.ops.fastprune.grad_sq(x, dy)
+
+
+def per_sample_grads(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """All per-sample gradients G_n (same layout as :func:`grad_sq`) as (N, G*O*K)."""
+    return torch.ops.fastprune.per_sample_grads(x, dy)
+
+
+def grad_blocks_accumulate(x: torch.Tensor, dy: torch.Tensor, blocks: torch.Tensor) -> None:
+    """``blocks[b] += sum_n G_n[b] G_n[b]^T`` in place, for blocks of B consecutive
+    entries of the flattened G_n; ``blocks`` is (ceil(G*O*K / B), B, B), the last
+    block zero-padded."""
+    torch.ops.fastprune.grad_blocks_accumulate(x, dy, blocks)
 
 
 def kth_smallest(tensors: list[torch.Tensor], k: int) -> tuple[torch.Tensor, int]:

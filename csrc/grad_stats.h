@@ -1,0 +1,57 @@
+// Per-sample gradient statistics of a linear map, shared by the CPU and CUDA ops.
+//
+// Every supported layer is reduced to a grouped linear map: for sample n, group
+// g and position t, out[n,g,t,:] = W_g in[n,g,t,:], with x = inputs (N, G, T, K)
+// and dy = output gradients (N, G, T, O). The per-sample gradient is
+// G_n = sum_t dy[n,g,t]^T x[n,g,t], flattened as weight.flatten() (group-major).
+// Only tiles of S samples are ever formed, never all N x params at once.
+#pragma once
+#include <ATen/ATen.h>
+
+namespace fastprune {
+
+// Float32 accumulation for half and bfloat16; float64 stays float64.
+inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+inline void check_stats_inputs(const at::Tensor& x, const at::Tensor& dy, const char* op) {
+  TORCH_CHECK(x.dim() == 4 && dy.dim() == 4, op, ": expected x (N, G, T, K) and dy (N, G, T, O), got x ",
+              x.sizes(), " and dy ", dy.sizes());
+  TORCH_CHECK(x.size(0) == dy.size(0) && x.size(1) == dy.size(1) && x.size(2) == dy.size(2), op,
+              ": x ", x.sizes(), " and dy ", dy.sizes(), " disagree on (N, G, T)");
+  TORCH_CHECK(x.is_floating_point() && dy.is_floating_point(), op, ": x and dy must be floating point");
+  TORCH_CHECK(x.device() == dy.device(), op, ": x is on ", x.device(), " but dy is on ", dy.device());
+}
+
+// Samples per tile so that a tile of per-sample gradients stays near 16 Mi elements.
+inline int64_t samples_per_tile(int64_t params) { return std::max<int64_t>(1, (int64_t{1} << 24) / std::max<int64_t>(params, 1)); }
+
+// Per-sample gradients of samples [s0, s1) as an (S, G*O*K) contiguous tensor.
+inline at::Tensor per_sample_tile(const at::Tensor& x, const at::Tensor& dy, int64_t s0, int64_t s1) {
+  const auto xs = x.slice(0, s0, s1), dys = dy.slice(0, s0, s1);
+  at::Tensor g = x.size(2) == 1 ? dys.select(2, 0).unsqueeze(-1) * xs.select(2, 0).unsqueeze(-2)  // outer products
+                                : at::matmul(dys.transpose(-1, -2), xs);
+  return g.reshape({s1 - s0, -1}).contiguous();
+}
+
+// (sum_n G_n, sum_n G_n^2), each (G, O, K). `reduce(tile, grad, sq)` adds a tile's
+// column sums and column sums of squares into the flat accumulators in one pass.
+template <typename Reduce>
+std::tuple<at::Tensor, at::Tensor> grad_sq_impl(const at::Tensor& x_in, const at::Tensor& dy_in, Reduce reduce) {
+  check_stats_inputs(x_in, dy_in, "grad_sq");
+  const auto acc = acc_type(x_in.scalar_type());
+  const at::Tensor x = x_in.to(acc), dy = dy_in.to(acc);
+  const int64_t N = x.size(0), G = x.size(1), K = x.size(3), O = dy.size(3);
+  if (x.size(2) == 1) {
+    // Rank-1 per-sample gradients: sum_n (dy_n x_n^T)^2 = (dy^2)^T x^2, two GEMMs.
+    const auto xt = x.select(2, 0).permute({1, 0, 2}), dyt = dy.select(2, 0).permute({1, 2, 0});
+    return {at::bmm(dyt, xt), at::bmm(dyt.square(), xt.square())};
+  }
+  at::Tensor grad = at::zeros({G, O, K}, x.options()), sq = at::zeros({G, O, K}, x.options());
+  const int64_t step = samples_per_tile(G * O * K);
+  for (int64_t s0 = 0; s0 < N; s0 += step) {
+    reduce(per_sample_tile(x, dy, s0, std::min(N, s0 + step)), grad, sq);
+  }
+  return {grad, sq};
+}
+
+}  // namespace fastprune

@@ -1,0 +1,191 @@
+"""Exact per-sample gradient formulas for the layers fastprune supports natively.
+
+Each adapter turns a module's captured calls ``[(input, output_grad), ...]`` into
+per-sample statistics of its parameters. Weights of Linear and Conv1d/Conv2d are
+reduced to a grouped linear map (x, dy) handled by the C++/CUDA ops; biases,
+norm affines and embeddings use short closed forms. Multiple calls of one module
+(weight sharing) add up inside each sample's gradient, as autograd would.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _ops
+
+__all__ = ["adapter_for", "LayerAdapter"]
+
+# Unfolded conv inputs are processed in sample tiles of about this many bytes.
+_UNFOLD_BYTES = 256 << 20
+
+
+class LayerAdapter:
+    """Per-sample statistics of one module's own parameters."""
+
+    #: parameters (local names) this adapter knows how to handle
+    handles: tuple[str, ...] = ()
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def grouped(self, calls, s0: int, s1: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The weight as a grouped linear map over samples [s0, s1): x (S, G, T, K), dy (S, G, T, O)."""
+        return None
+
+    def sample_tile(self, calls) -> int:
+        """Samples per tile for :meth:`grouped` (memory bound)."""
+        return calls[0][0].shape[0]
+
+    def per_sample(self, calls) -> dict[str, torch.Tensor]:
+        """Per-sample gradients (N, *shape) of the small parameters."""
+        return {}
+
+    def sums(self, calls, names: set[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{name: (sum_n g_n, sum_n g_n**2)} for the requested local parameter names."""
+        out = {}
+        n = calls[0][0].shape[0]
+        if "weight" in names and type(self).grouped is not LayerAdapter.grouped:
+            step = self.sample_tile(calls)
+            grad = sq = 0
+            for s0 in range(0, n, step):
+                g, q = _ops.grad_sq(*self.grouped(calls, s0, min(n, s0 + step)))
+                grad, sq = grad + g, sq + q
+            shape = self.module.weight.shape
+            out["weight"] = (grad.reshape(shape), sq.reshape(shape))
+        for name, ps in self.per_sample(calls).items():
+            if name in names:
+                acc = ps.to(torch.float64 if ps.dtype == torch.float64 else torch.float32)
+                out[name] = (acc.sum(0), acc.square().sum(0))
+        return out
+
+
+class LinearAdapter(LayerAdapter):
+    handles = ("weight", "bias")
+
+    def grouped(self, calls, s0, s1):
+        m = self.module
+        x = torch.cat([inp[s0:s1].reshape(s1 - s0, 1, -1, m.in_features) for inp, _ in calls], 2)
+        dy = torch.cat([g[s0:s1].reshape(s1 - s0, 1, -1, m.out_features) for _, g in calls], 2)
+        return x, dy
+
+    def per_sample(self, calls):
+        n = calls[0][0].shape[0]
+        return {"bias": sum(g.reshape(n, -1, self.module.out_features).sum(1) for _, g in calls)}
+
+
+class ConvAdapter(LayerAdapter):
+    """Conv1d / Conv2d with any stride, padding (incl. 'same' and non-zero modes), dilation, groups."""
+
+    handles = ("weight", "bias")
+
+    def _unfold_args(self, inp: torch.Tensor):
+        m = self.module
+        one_d = isinstance(m, nn.Conv1d)
+        k, s, d = m.kernel_size, m.stride, m.dilation
+        if m.padding_mode != "zeros":
+            inp, pad = F.pad(inp, m._reversed_padding_repeated_twice, mode=m.padding_mode), (0,) * len(k)
+        elif m.padding == "same":
+            pads = []
+            for kk, dd in zip(reversed(k), reversed(d)):  # F.pad lists the last dim first
+                total = dd * (kk - 1)
+                pads += [total // 2, total - total // 2]
+            inp, pad = F.pad(inp, pads), (0,) * len(k)
+        else:
+            pad = (0,) * len(k) if m.padding == "valid" else m.padding
+        if one_d:
+            inp, k, s, d, pad = inp.unsqueeze(2), (1, *k), (1, *s), (1, *d), (0, *pad)
+        return inp, k, d, pad, s
+
+    def grouped(self, calls, s0, s1):
+        m = self.module
+        groups, n = m.groups, s1 - s0
+        xs, dys = [], []
+        for inp, g in calls:
+            inp, k, d, pad, s = self._unfold_args(inp[s0:s1])
+            u = F.unfold(inp, k, dilation=d, padding=pad, stride=s)  # (S, Cin*kh*kw, L)
+            xs.append(u.view(n, groups, -1, u.shape[-1]).transpose(2, 3))
+            dys.append(g[s0:s1].reshape(n, groups, m.out_channels // groups, -1).transpose(2, 3))
+        return torch.cat(xs, 2), torch.cat(dys, 2)
+
+    def sample_tile(self, calls):
+        # Unfolded bytes per sample: (Cin/G * kernel) * G * output positions, summed over calls.
+        per_sample = sum(self.module.weight[0].numel() * self.module.groups * g[0, 0].numel() * 4
+                         for _, g in calls)
+        return max(1, min(calls[0][0].shape[0], _UNFOLD_BYTES // max(per_sample, 1)))
+
+    def per_sample(self, calls):
+        n = calls[0][0].shape[0]
+        return {"bias": sum(g.reshape(n, self.module.out_channels, -1).sum(2) for _, g in calls)}
+
+
+class LayerNormAdapter(LayerAdapter):
+    handles = ("weight", "bias")
+
+    def per_sample(self, calls):
+        m = self.module
+        n, size = calls[0][0].shape[0], m.normalized_shape
+        numel = torch.Size(size).numel()
+        w = b = 0
+        for inp, g in calls:
+            xhat = F.layer_norm(inp, size, None, None, m.eps)
+            w = w + (g * xhat).reshape(n, -1, numel).sum(1)
+            b = b + g.reshape(n, -1, numel).sum(1)
+        return {"weight": w.reshape(n, *size), "bias": b.reshape(n, *size)}
+
+
+class BatchNormAdapter(LayerAdapter):
+    """BatchNorm in eval mode: a per-channel affine map of the running statistics."""
+
+    handles = ("weight", "bias")
+
+    def per_sample(self, calls):
+        m = self.module
+        n, c = calls[0][0].shape[0], m.num_features
+        shape = (1, c) + (1,) * (calls[0][0].dim() - 2)
+        w = b = 0
+        for inp, g in calls:
+            xhat = (inp - m.running_mean.view(shape)) * torch.rsqrt(m.running_var.view(shape) + m.eps)
+            w = w + (g * xhat).reshape(n, c, -1).sum(2)
+            b = b + g.reshape(n, c, -1).sum(2)
+        return {"weight": w, "bias": b}
+
+
+class EmbeddingAdapter(LayerAdapter):
+    """Per-sample gradient rows are sums of output gradients over equal token ids."""
+
+    handles = ("weight",)
+
+    def sums(self, calls, names):
+        m = self.module
+        n, (vocab, dim) = calls[0][0].shape[0], m.weight.shape
+        ids = torch.cat([inp.reshape(n, -1) for inp, _ in calls], 1)
+        dy = torch.cat([g.reshape(n, -1, dim) for _, g in calls], 1)
+        acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
+        dy = dy.to(acc)
+        if m.padding_idx is not None:
+            dy = dy.masked_fill((ids == m.padding_idx).unsqueeze(-1), 0)
+        key = (torch.arange(n, device=ids.device).unsqueeze(1) * vocab + ids).flatten()
+        rows, inverse = torch.unique(key, return_inverse=True)  # one row per (sample, token id)
+        per_row = dy.new_zeros(len(rows), dim).index_add_(0, inverse, dy.reshape(-1, dim))
+        token = rows % vocab
+        grad = dy.new_zeros(vocab, dim).index_add_(0, token, per_row)
+        sq = dy.new_zeros(vocab, dim).index_add_(0, token, per_row.square())
+        return {"weight": (grad, sq)}
+
+
+_ADAPTERS = ((nn.Linear, LinearAdapter), (nn.Conv1d, ConvAdapter), (nn.Conv2d, ConvAdapter),
+             (nn.LayerNorm, LayerNormAdapter), (nn.modules.batchnorm._BatchNorm, BatchNormAdapter),
+             (nn.Embedding, EmbeddingAdapter))
+
+
+def adapter_for(module: nn.Module) -> LayerAdapter | None:
+    """The exact adapter for ``module``'s type, or None (then torch.func is the fallback)."""
+    for kind, adapter in _ADAPTERS:
+        if type(module) is kind or (kind is nn.modules.batchnorm._BatchNorm and isinstance(module, kind)):
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.track_running_stats:
+                return None
+            if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.sparse):
+                return None
+            return adapter(module)
+    return None

@@ -1,0 +1,77 @@
+"""Per-sample losses and the label draws behind each Fisher kind."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["resolve_loss", "per_sample_loss", "fisher_passes", "FISHER_KINDS"]
+
+FISHER_KINDS = ("empirical", "mc", "true")
+
+
+def _mse(outputs, targets):
+    # Mean over non-batch dims, so the mean over samples equals F.mse_loss.
+    return F.mse_loss(outputs, targets.to(outputs.dtype), reduction="none").flatten(1).mean(1)
+
+
+_NAMED: dict[str, Callable] = {
+    "cross_entropy": lambda o, t: F.cross_entropy(o, t, reduction="none"),
+    "nll": lambda o, t: F.nll_loss(o, t, reduction="none"),
+    "mse": _mse,
+}
+
+
+def resolve_loss(loss_fn) -> tuple[Callable, str | None]:
+    """Returns (callable, name); ``None`` means cross-entropy."""
+    if loss_fn is None:
+        loss_fn = "cross_entropy"
+    if isinstance(loss_fn, str):
+        if loss_fn not in _NAMED:
+            raise ValueError(f"unknown loss {loss_fn!r}; use one of {sorted(_NAMED)} or a callable "
+                             "loss_fn(outputs, targets) returning one loss per sample")
+        return _NAMED[loss_fn], loss_fn
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be a name or a callable, got {type(loss_fn).__name__}")
+    return loss_fn, None
+
+
+def per_sample_loss(loss_fn: Callable, outputs: torch.Tensor, targets, n: int) -> torch.Tensor:
+    """``loss_fn(outputs, targets)``, checked to hold one loss per sample."""
+    loss = loss_fn(outputs, targets)
+    if not isinstance(loss, torch.Tensor) or loss.shape != (n,):
+        got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(
+            f"loss_fn must return one loss per sample, shape ({n},), got {got}. Per-sample statistics need the "
+            "unreduced loss: use reduction='none' (e.g. nn.CrossEntropyLoss(reduction='none')) and reduce any "
+            "non-batch dims yourself, or pass a name: 'cross_entropy', 'nll' or 'mse'.")
+    return loss
+
+
+def fisher_passes(fisher: str, loss_name: str | None, outputs: torch.Tensor, targets, mc_samples: int,
+                  generator: torch.Generator | None) -> Iterator[tuple[object, torch.Tensor]]:
+    """Yields (targets, sqrt_weight) pairs; the Fisher is the sum over passes of the
+    per-sample gradient products, each sample's gradient scaled by sqrt_weight.
+
+    empirical: the true labels. mc: ``mc_samples`` labels drawn from the model's
+    predictive, weight 1/mc_samples each. true: every class c, weight p(c | x),
+    the exact expectation (the GGN of softmax cross-entropy)."""
+    n = outputs.shape[0]
+    if fisher == "empirical":
+        yield targets, outputs.new_ones(n)
+        return
+    if loss_name not in ("cross_entropy", "nll"):
+        raise ValueError(f"fisher={fisher!r} samples labels from the model's predictive distribution, which "
+                         "fastprune knows for loss_fn='cross_entropy' (logits) and 'nll' (log-probabilities); "
+                         "use one of them or fisher='empirical'")
+    with torch.no_grad():
+        logits = outputs.detach().float()
+        probs = logits.softmax(1) if loss_name == "cross_entropy" else logits.exp()
+    if fisher == "mc":
+        weight = outputs.new_full((n,), (1.0 / mc_samples) ** 0.5)
+        for _ in range(mc_samples):
+            yield torch.multinomial(probs, 1, generator=generator).squeeze(1), weight
+    else:
+        for c in range(probs.shape[1]):
+            yield torch.full((n,), c, dtype=torch.long, device=outputs.device), probs[:, c].sqrt().to(outputs.dtype)
