@@ -44,9 +44,11 @@ def _key(module_name: str, local: str) -> str:
     return f"{module_name}.{local}" if module_name else local
 
 
-def plan_stats(model: nn.Module, modules=None, strict: bool = False) -> StatsPlan:
-    """Decides, for every trainable parameter (of ``modules`` if given), the exact
-    adapter or the torch.func fallback."""
+def plan_stats(model: nn.Module, modules=None, strict: bool = False, keys: set[str] | None = None,
+               grouped_only: bool = False) -> StatsPlan:
+    """Decides, for every trainable parameter (of ``modules`` if given, or with a key in
+    ``keys``), the exact adapter or the torch.func fallback. ``grouped_only`` accepts
+    only adapters that expose per-sample gradient tiles (Linear, Conv1d, Conv2d)."""
     named = dict(model.named_modules())
     if modules is not None:
         if isinstance(modules, (str, type)):
@@ -67,10 +69,14 @@ def plan_stats(model: nn.Module, modules=None, strict: bool = False) -> StatsPla
             local = actual[: -len("_orig")] if actual.endswith("_orig") and hasattr(module, actual[:-5] + "_mask") \
                 else actual
             key = _key(mod_name, local)
+            if keys is not None and key not in keys:
+                continue
             plan.params[key] = p
             if local != actual:
                 plan.masks[key] = getattr(module, local + "_mask")
-            if adapter is not None and local in adapter.handles:
+            exact = adapter is not None and local in adapter.handles and \
+                (not grouped_only or type(adapter).grouped is not LayerAdapter.grouped)
+            if exact:
                 plan.native.setdefault(mod_name, (adapter, set()))[1].add(local)
             else:
                 what = f"{type(module).__name__} {mod_name!r} ({local})"
