@@ -1,0 +1,291 @@
+"""fisher_diag, FisherBlocks and per_sample_gradients against torch.func per-sample gradients."""
+import itertools
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastprune
+from reference import diag_and_grad, per_sample_grads
+
+
+def batches(x, y, size):
+    return [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)]
+
+
+def assert_stats(model, x, y, loss=None, batch=5, **kwargs):
+    diag, grad = fastprune.fisher_diag(model, batches(x, y, batch), loss, return_grad=True, progress=False,
+                                       **kwargs)
+    ref_diag, ref_grad = diag_and_grad(model, x, y, None if isinstance(loss, str) or loss is None else loss)
+    assert list(diag) == [k for k, p in model.named_parameters()]
+    for k in ref_diag:
+        torch.testing.assert_close(diag[k], ref_diag[k], rtol=1e-10, atol=1e-12, msg=k)
+        torch.testing.assert_close(grad[k], ref_grad[k], rtol=1e-10, atol=1e-12, msg=k)
+
+
+class Tokens(nn.Module):
+    """Linear over (N, A, B, in) inputs: per-sample gradients sum over the sequence dims."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 4)
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.norm(torch.relu(self.fc(x)))).mean((1, 2))
+
+
+def test_linear_2d_and_non_contiguous():
+    model = nn.Sequential(nn.Linear(7, 6), nn.ReLU(inplace=True), nn.Linear(6, 3)).double()
+    x = torch.randn(7, 13, dtype=torch.float64).t()  # (13, 7), non-contiguous
+    assert_stats(model, x, torch.randint(0, 3, (13,)))
+
+
+def test_linear_4d_inputs_and_layernorm():
+    model = Tokens().double()
+    assert_stats(model, torch.randn(9, 3, 2, 5, dtype=torch.float64), torch.randint(0, 3, (9,)), batch=4)
+
+
+def test_batch_of_one():
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    assert_stats(model, torch.randn(3, 4, dtype=torch.float64), torch.randint(0, 3, (3,)), batch=1)
+
+
+def conv_model(conv, in_shape):
+    with torch.no_grad():
+        n_out = conv(torch.zeros(1, *in_shape)).numel()
+    return nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(n_out, 3)).double()
+
+
+CONV2D = [dict(stride=s, padding=p, dilation=d, groups=g, bias=b)
+          for s, p, d, g, b in itertools.product([1, 2], [0, 2], [1, 2], [1, 2], [True, False])]
+
+
+@pytest.mark.parametrize("cfg", CONV2D + [dict(padding="same", dilation=2), dict(padding="same", groups=6),
+                                          dict(padding=1, padding_mode="circular"),
+                                          dict(padding=(1, 2), padding_mode="reflect", stride=(2, 1))])
+def test_conv2d_grid(cfg):
+    conv = nn.Conv2d(6, 4 if cfg.get("groups", 1) != 6 else 6, (3, 2) if cfg.get("padding") != "same" else 4, **cfg)
+    model = conv_model(conv, (6, 9, 8))
+    assert_stats(model, torch.randn(7, 6, 9, 8, dtype=torch.float64), torch.randint(0, 3, (7,)))
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(stride=2, padding=1, dilation=2), dict(groups=5, padding="same"),
+                                 dict(padding=2, padding_mode="replicate", bias=False)])
+def test_conv1d(cfg):
+    model = conv_model(nn.Conv1d(5, 5, 3, **cfg), (5, 11))
+    assert_stats(model, torch.randn(6, 5, 11, dtype=torch.float64), torch.randint(0, 3, (6,)))
+
+
+def test_batchnorm_eval_and_embedding():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(11, 4, padding_idx=0)
+            self.conv = nn.Conv1d(4, 6, 2)
+            self.bn = nn.BatchNorm1d(6)
+            self.fc = nn.Linear(6, 3)
+
+        def forward(self, ids):
+            h = self.bn(self.conv(self.emb(ids).transpose(1, 2)))
+            return self.fc(h.mean(2))
+
+    model = Net().double()
+    model.bn.running_mean.uniform_(-1, 1)
+    model.bn.running_var.uniform_(0.5, 2)
+    model.eval()
+    ids = torch.randint(0, 11, (8, 6))
+    ids[0, :3] = 4  # repeated tokens within a sample
+    ids[1, 0] = 0  # padding
+    assert_stats(model, ids, torch.randint(0, 3, (8,)))
+
+
+def test_weight_sharing():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(torch.tanh(self.fc(x)))
+
+    assert_stats(Twice().double(), torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 4, (6,)))
+
+
+class Scale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.s = nn.Parameter(torch.rand(5) + 0.5)
+
+    def forward(self, x):
+        return x * self.s
+
+
+def test_fallback_path_warns_and_is_exact():
+    model = nn.Sequential(Scale(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with pytest.warns(UserWarning, match="torch.func"):
+        assert_stats(model, x, y)
+    with pytest.raises(ValueError, match="no exact per-sample formula"):
+        fastprune.fisher_diag(model, [(x, y)], strict=True, progress=False)
+
+
+def test_mse_loss_and_custom_callable():
+    model = nn.Sequential(nn.Linear(4, 2)).double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    mse = lambda o, t: F.mse_loss(o, t, reduction="none").mean(1)  # noqa: E731
+    diag = fastprune.fisher_diag(model, [(x, y)], "mse", progress=False)
+    ref, _ = diag_and_grad(model, x, y, mse)
+    for k in ref:
+        torch.testing.assert_close(diag[k], ref[k])
+    assert_stats(model, x, y, mse)
+
+
+def test_true_fisher_is_expectation_over_classes():
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    diag = fastprune.fisher_diag(model, [(x, torch.zeros(6, dtype=torch.long))], fisher="true", progress=False)
+    probs = model(x).softmax(1).detach()
+    expected = {}
+    for c in range(3):
+        ps = per_sample_grads(model, x, torch.full((6,), c))
+        for k, g in ps.items():
+            expected[k] = expected.get(k, 0) + (probs[:, c].view(-1, *[1] * (g.dim() - 1)) * g.square()).mean(0)
+    for k in expected:
+        torch.testing.assert_close(diag[k], expected[k])
+
+
+def test_mc_fisher_converges_to_true_fisher():
+    model = nn.Sequential(nn.Linear(3, 3)).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    data = [(x, torch.zeros(4, dtype=torch.long))]
+    true = fastprune.fisher_diag(model, data, fisher="true", progress=False)
+    mc = fastprune.fisher_diag(model, data, fisher="mc", mc_samples=3000, progress=False)
+    for k in true:
+        torch.testing.assert_close(mc[k], true[k], rtol=0.1, atol=1e-3)
+    again = fastprune.fisher_diag(model, data, fisher="mc", mc_samples=3, seed=1, progress=False)
+    assert all(torch.equal(again[k], fastprune.fisher_diag(model, data, fisher="mc", mc_samples=3, seed=1,
+                                                          progress=False)[k]) for k in again)
+
+
+def test_pruned_weights_have_zero_stats_and_max_samples():
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3)).double()
+    masks = fastprune.prune(model, fastprune.criteria.Magnitude(), 0.5, progress=False)
+    x, y = torch.randn(10, 6, dtype=torch.float64), torch.randint(0, 3, (10,))
+    diag, grad = fastprune.fisher_diag(model, batches(x, y, 4), return_grad=True, max_samples=7, progress=False)
+    assert set(diag) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    ref_diag, ref_grad = diag_and_grad(model, x[:7], y[:7])
+    for k, mask in masks.items():
+        assert (diag[k][~mask] == 0).all() and (grad[k][~mask] == 0).all()
+        torch.testing.assert_close(diag[k], ref_diag[k + "_orig"] * mask)
+        torch.testing.assert_close(grad[k], ref_grad[k + "_orig"] * mask)
+
+
+def test_bfloat16_model_accumulates_in_float32():
+    model = nn.Sequential(nn.Linear(8, 3))
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    ref, _ = diag_and_grad(model, x, y)
+    diag = fastprune.fisher_diag(model.bfloat16(), [(x.bfloat16(), y)], progress=False)
+    assert diag["0.weight"].dtype == torch.float32
+    torch.testing.assert_close(diag["0.weight"], ref["0.weight"], rtol=0.1, atol=1e-3)
+
+
+def test_modules_filter():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    diag = fastprune.fisher_diag(model, [(torch.randn(3, 4), torch.tensor([0, 1, 1]))], modules=["2"],
+                                 progress=False)
+    assert set(diag) == {"2.weight", "2.bias"}
+
+
+# --- blocks and raw per-sample gradients -----------------------------------------------------
+
+@pytest.mark.parametrize("block", [5, 16, 200])
+def test_fisher_blocks_match_explicit(block):
+    model = conv_model(nn.Conv2d(3, 4, 3, stride=2, padding=1, groups=1), (3, 8, 8))
+    model.append(nn.ReLU())
+    x, y = torch.randn(9, 3, 8, 8, dtype=torch.float64), torch.randint(0, 3, (9,))
+    fastprune.prune(model, fastprune.criteria.Magnitude(), 0.3, progress=False)
+    fb = fastprune.FisherBlocks(model, block)
+    for xb, yb in batches(x, y, 4):
+        fb.accumulate(xb, yb)
+    assert fb.num_samples == 9 and fb.names == ["0.weight", "3.weight"]
+    ps = per_sample_grads(model, x, y)
+    for name in fb.names:
+        mask = model.get_submodule(name[:-7]).weight_mask.flatten().double()
+        g = ps[name + "_orig"].reshape(9, -1) * mask
+        nb = -(-g.shape[1] // block)
+        g = F.pad(g, (0, nb * block - g.shape[1])).view(9, nb, block)
+        torch.testing.assert_close(fb.blocks(name), torch.einsum("nbi,nbj->bij", g, g) / 9)
+
+
+def test_per_sample_gradients_and_block_fallback():
+    model = nn.Sequential(nn.Conv3d(2, 2, 2), nn.Flatten(), nn.Linear(2 * 8, 3)).double()
+    x, y = torch.randn(4, 2, 3, 3, 3, dtype=torch.float64), torch.randint(0, 3, (4,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = fastprune.per_sample_gradients(model, x, y)
+        fb = fastprune.FisherBlocks(model, 8)
+        fb.accumulate(x, y)
+    ps = per_sample_grads(model, x, y)
+    for k, v in got.items():
+        torch.testing.assert_close(v, ps[k].reshape(4, -1))
+    g = ps["0.weight"].reshape(4, -1).view(4, 4, 8)
+    torch.testing.assert_close(fb.blocks("0.weight"), torch.einsum("nbi,nbj->bij", g, g) / 4)
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+def test_scalar_loss_is_rejected():
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="one loss per sample"):
+        fastprune.fisher_diag(model, [(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))],
+                              lambda o, t: F.cross_entropy(o, t), progress=False)
+
+
+def test_batchnorm_train_mode():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).train()
+    data = [(torch.randn(5, 3), torch.randint(0, 2, (5,)))]
+    with pytest.raises(ValueError, match="model.eval"):
+        fastprune.fisher_diag(model, data, progress=False)
+    with pytest.raises(ValueError, match="model.eval"):
+        fastprune.FisherBlocks(model, 4)
+    diag = fastprune.fisher_diag(model, data, bn="eval", progress=False)
+    assert model[1].training and set(diag) >= {"1.weight", "1.bias"}
+
+
+def test_non_finite_gradients_name_the_module():
+    model = nn.Sequential(nn.Linear(3, 2))
+    x = torch.randn(4, 3)
+    x[1, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="'0.weight'"):
+        fastprune.fisher_diag(model, [(x, torch.tensor([0, 1, 0, 1]))], progress=False)
+    with pytest.raises(FloatingPointError, match="'0.weight'"):
+        fastprune.FisherBlocks(model, 3).accumulate(x, torch.tensor([0, 1, 0, 1]))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(fisher="exact"), "fisher must be"),
+    (dict(fisher="mc", mc_samples=0), "mc_samples"),
+    (dict(fisher="true", loss_fn="mse"), "predictive"),
+    (dict(loss_fn="hinge"), "unknown loss"),
+    (dict(modules=["nope"]), "unknown module"),
+    (dict(bn="train"), "bn must be"),
+])
+def test_argument_errors(kwargs, match):
+    model = nn.Sequential(nn.Linear(3, 2))
+    with pytest.raises(ValueError, match=match):
+        fastprune.fisher_diag(model, [(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))], progress=False, **kwargs)
+
+
+def test_block_errors():
+    model = nn.Sequential(nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="block_size"):
+        fastprune.FisherBlocks(model, 0)
+    fb = fastprune.FisherBlocks(model, 4)
+    with pytest.raises(ValueError, match="no samples"):
+        fb.blocks("0.weight")
+    with pytest.raises(KeyError, match="collected tensors"):
+        fb.blocks("1.weight")

@@ -1,0 +1,64 @@
+"""The per-sample statistics ops against einsum over explicit per-sample gradients."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastprune import _ops
+
+
+def explicit(x, dy):
+    return torch.einsum("ngto,ngtk->ngok", dy.double(), x.double()).flatten(1)
+
+
+@pytest.mark.parametrize("shape", [(5, 1, 1, 7, 3), (4, 1, 9, 6, 5), (3, 4, 5, 2, 3), (1, 1, 1, 1, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_grad_sq_and_per_sample(shape, dtype):
+    n, g, t, k, o = shape
+    x = torch.randn(n, g, k, t, dtype=dtype).transpose(2, 3)  # non-contiguous
+    dy = torch.randn(n, g, t, o, dtype=dtype)
+    ps = explicit(x, dy)
+    grad, sq = _ops.grad_sq(x, dy)
+    tol = 1e-12 if dtype == torch.float64 else 1e-4
+    assert grad.dtype == dtype and grad.shape == (g, o, k)
+    torch.testing.assert_close(grad.flatten().double(), ps.sum(0), rtol=tol, atol=tol)
+    torch.testing.assert_close(sq.flatten().double(), ps.square().sum(0), rtol=tol, atol=tol)
+    torch.testing.assert_close(_ops.per_sample_grads(x, dy).double(), ps, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("block", [1, 4, 7, 45, 64])
+def test_grad_blocks_accumulate_ragged(block):
+    x, dy = torch.randn(6, 3, 4, 5, dtype=torch.float64), torch.randn(6, 3, 4, 3, dtype=torch.float64)
+    ps = explicit(x, dy)
+    p = ps.shape[1]
+    nb = -(-p // block)
+    blocks = torch.zeros(nb, block, block, dtype=torch.float64)
+    _ops.grad_blocks_accumulate(x, dy, blocks)
+    _ops.grad_blocks_accumulate(x[:2], dy[:2], blocks)  # accumulates
+    padded = F.pad(torch.cat([ps, ps[:2]]), (0, nb * block - p)).view(-1, nb, block)
+    torch.testing.assert_close(blocks, torch.einsum("nbi,nbj->bij", padded, padded))
+    if nb * block > p:
+        assert (blocks[-1, p - (nb - 1) * block:, :] == 0).all()
+
+
+def test_half_inputs_accumulate_in_float32():
+    x, dy = torch.randn(8, 1, 3, 16), torch.randn(8, 1, 3, 4)
+    grad, sq = _ops.grad_sq(x.bfloat16(), dy.bfloat16())
+    assert grad.dtype == torch.float32
+    ref = explicit(x.bfloat16().float(), dy.bfloat16().float()).float()
+    torch.testing.assert_close(sq.flatten(), ref.square().sum(0), rtol=1e-4, atol=1e-4)
+
+
+def test_errors():
+    with pytest.raises(RuntimeError, match="expected x"):
+        _ops.grad_sq(torch.randn(3, 4), torch.randn(3, 4))
+    with pytest.raises(RuntimeError, match="disagree"):
+        _ops.grad_sq(torch.randn(3, 1, 2, 4), torch.randn(2, 1, 2, 4))
+    with pytest.raises(RuntimeError, match="do not tile"):
+        _ops.grad_blocks_accumulate(torch.randn(3, 1, 2, 4), torch.randn(3, 1, 2, 2), torch.zeros(1, 4, 4))
+
+
+def test_opcheck():
+    x, dy = torch.randn(4, 2, 3, 5), torch.randn(4, 2, 3, 2)
+    torch.library.opcheck(torch.ops.fastprune.grad_sq.default, (x, dy))
+    torch.library.opcheck(torch.ops.fastprune.per_sample_grads.default, (x, dy))
+    torch.library.opcheck(torch.ops.fastprune.grad_blocks_accumulate.default, (x, dy, torch.zeros(3, 8, 8)))
