@@ -41,7 +41,8 @@ class _BatchNormEval:
 
 
 def _check_finite(name: str, *tensors: torch.Tensor) -> None:
-    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+    # A sum is finite only if every element is (an overflowing sum is worth reporting too).
+    if not all(bool(torch.isfinite(t.sum())) for t in tensors):
         raise FloatingPointError(f"non-finite per-sample gradients (NaN or inf) in {name!r}; check the inputs, "
                                  "the loss and the model for overflow (lower the learning rate, use float32)")
 
@@ -107,6 +108,8 @@ def fisher_diag(model: nn.Module, data, loss_fn=None, *, fisher: str = "empirica
             count += len(x)
     if count == 0:
         raise ValueError("data yielded no samples")
+    for key, total in sq_sums.items():  # NaN and inf persist in the sums, so one check at the end suffices
+        _check_finite(key, total, grad_sums.get(key, total))
     diag = {k: _finish(sq_sums.get(k), count, plan, k) for k in plan.keys}
     if not return_grad:
         return diag
@@ -118,12 +121,9 @@ def _pass_sums(plan, calls, fallback):
     for name, (adapter, names) in plan.native.items():
         if name in calls:
             for local, (g, q) in adapter.sums(calls[name], names).items():
-                key = f"{name}.{local}" if name else local
-                _check_finite(key, q)
-                yield key, (g, q)
+                yield (f"{name}.{local}" if name else local), (g, q)
     for key, ps in fallback.items():
         acc = ps.to(torch.float64 if ps.dtype == torch.float64 else torch.float32)
-        _check_finite(key, acc)
         yield key, (acc.sum(0), acc.square().sum(0))
 
 

@@ -20,6 +20,11 @@ __all__ = ["adapter_for", "LayerAdapter"]
 _UNFOLD_BYTES = 256 << 20
 
 
+def _cat_calls(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Joins the calls of a shared module along the position dim (no copy for one call)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 2)
+
+
 class LayerAdapter:
     """Per-sample statistics of one module's own parameters."""
 
@@ -65,8 +70,8 @@ class LinearAdapter(LayerAdapter):
 
     def grouped(self, calls, s0, s1):
         m = self.module
-        x = torch.cat([inp[s0:s1].reshape(s1 - s0, 1, -1, m.in_features) for inp, _ in calls], 2)
-        dy = torch.cat([g[s0:s1].reshape(s1 - s0, 1, -1, m.out_features) for _, g in calls], 2)
+        x = _cat_calls([inp[s0:s1].reshape(s1 - s0, 1, -1, m.in_features) for inp, _ in calls])
+        dy = _cat_calls([g[s0:s1].reshape(s1 - s0, 1, -1, m.out_features) for _, g in calls])
         return x, dy
 
     def per_sample(self, calls):
@@ -106,7 +111,7 @@ class ConvAdapter(LayerAdapter):
             u = F.unfold(inp, k, dilation=d, padding=pad, stride=s)  # (S, Cin*kh*kw, L)
             xs.append(u.view(n, groups, -1, u.shape[-1]).transpose(2, 3))
             dys.append(g[s0:s1].reshape(n, groups, m.out_channels // groups, -1).transpose(2, 3))
-        return torch.cat(xs, 2), torch.cat(dys, 2)
+        return _cat_calls(xs), _cat_calls(dys)
 
     def sample_tile(self, calls):
         # Unfolded bytes per sample: (Cin/G * kernel) * G * output positions, summed over calls.

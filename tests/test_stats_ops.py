@@ -10,7 +10,7 @@ def explicit(x, dy):
     return torch.einsum("ngto,ngtk->ngok", dy.double(), x.double()).flatten(1)
 
 
-@pytest.mark.parametrize("shape", [(5, 1, 1, 7, 3), (4, 1, 9, 6, 5), (3, 4, 5, 2, 3), (1, 1, 1, 1, 1)])
+@pytest.mark.parametrize("shape", [(5, 1, 1, 7, 3), (4, 1, 9, 6, 5), (3, 4, 5, 2, 3), (1, 1, 1, 1, 1), (3, 2, 40, 64, 30)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_grad_sq_and_per_sample(shape, dtype):
     n, g, t, k, o = shape

@@ -1,0 +1,79 @@
+"""Fisher diagonal + mean gradient: fastprune vs a plain training step and the tools
+users reach for (BackPACK, Opacus, torch.func, one backward per sample)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+import fastprune
+from models import MODELS, make
+
+ROUNDS = dict(rounds=5, iterations=1, warmup_rounds=1)
+
+
+def plain_step(model, x, y):
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+
+
+def fastprune_diag(model, x, y):
+    return fastprune.fisher_diag(model, [(x, y)], return_grad=True, progress=False)
+
+
+def torch_func(model, x, y):
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, xn, yn):
+        return F.cross_entropy(functional_call(model, p, (xn.unsqueeze(0),)), yn.unsqueeze(0))
+
+    ps = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    return {k: v.square().mean(0) for k, v in ps.items()}, {k: v.mean(0) for k, v in ps.items()}
+
+
+def per_sample_loop(model, x, y):
+    diag = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
+    for i in range(len(x)):
+        model.zero_grad()
+        F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        for k, p in model.named_parameters():
+            diag[k] += p.grad.square()
+    return diag
+
+
+def backpack_diag(model, x, y):
+    from backpack import backpack, extend
+    from backpack.extensions import SumGradSquared
+    model, loss = extend(model), extend(torch.nn.CrossEntropyLoss(reduction="sum"))
+    model.zero_grad()
+    with backpack(SumGradSquared()):
+        loss(model(x), y).backward()
+    return {k: p.sum_grad_squared for k, p in model.named_parameters()}
+
+
+def opacus_diag(model, x, y):
+    gsm = opacus_diag.cache.get(id(model))
+    if gsm is None:
+        from opacus import GradSampleModule
+        gsm = opacus_diag.cache[id(model)] = GradSampleModule(model)
+    gsm.zero_grad()
+    F.cross_entropy(gsm(x), y, reduction="sum").backward()
+    return {k: p.grad_sample.square().sum(0) for k, p in gsm.named_parameters()}
+
+
+opacus_diag.cache = {}
+METHODS = {"step": plain_step, "fastprune": fastprune_diag, "torch.func": torch_func, "backpack": backpack_diag,
+           "opacus": opacus_diag, "per-sample-loop": per_sample_loop}
+
+
+@pytest.mark.parametrize("model_key", list(MODELS))
+@pytest.mark.parametrize("method", list(METHODS))
+def test_fisher_diag(benchmark, model_key, method):
+    if method in ("backpack", "opacus"):
+        pytest.importorskip(method)
+    model, x, y = make(model_key)
+    if method == "per-sample-loop" and model_key == "mlp-1024":
+        x, y = x[:256], y[:256]  # scaled by 4 in the report
+        benchmark.extra_info["scale"] = 4
+    benchmark.group = f"fisher-diag {model_key}"
+    benchmark.extra_info["method"] = method
+    benchmark.pedantic(METHODS[method], args=(model, x, y), **ROUNDS)
