@@ -15,8 +15,12 @@ demo: $(VENV)/.built
 test: $(VENV)/.built
 	$(PY) -m pytest -q tests
 
+# Benchmarks compare against BackPACK and Opacus, installed without deps so torch never moves.
 bench: $(VENV)/.built
-	$(PY) -m pytest -q benchmarks --benchmark-only
+	$(PY) -m pip install -q --no-deps -r requirements-bench.txt
+	cd benchmarks && ../$(PY) -m pytest -q . --benchmark-only --benchmark-json=../build/bench.json
+	$(PY) benchmarks/memory_peak.py > build/memory.md
+	$(PY) benchmarks/report.py build/bench.json build/memory.md > benchmarks/RESULTS.md
 
 build: $(VENV)/.built
 

@@ -40,29 +40,37 @@ def per_sample_loop(model, x, y):
     return diag
 
 
-def backpack_diag(model, x, y):
+def backpack_diag(model):
     from backpack import backpack, extend
     from backpack.extensions import SumGradSquared
     model, loss = extend(model), extend(torch.nn.CrossEntropyLoss(reduction="sum"))
-    model.zero_grad()
-    with backpack(SumGradSquared()):
-        loss(model(x), y).backward()
-    return {k: p.sum_grad_squared for k, p in model.named_parameters()}
+
+    def run(x, y):
+        model.zero_grad()
+        with backpack(SumGradSquared()):
+            loss(model(x), y).backward()
+        return {k: p.sum_grad_squared for k, p in model.named_parameters()}
+    return run
 
 
-def opacus_diag(model, x, y):
-    gsm = opacus_diag.cache.get(id(model))
-    if gsm is None:
-        from opacus import GradSampleModule
-        gsm = opacus_diag.cache[id(model)] = GradSampleModule(model)
-    gsm.zero_grad()
-    F.cross_entropy(gsm(x), y, reduction="sum").backward()
-    return {k: p.grad_sample.square().sum(0) for k, p in gsm.named_parameters()}
+def opacus_diag(model):
+    from opacus import GradSampleModule
+    gsm = GradSampleModule(model).train()  # Opacus records activations in train mode only
+
+    def run(x, y):
+        gsm.zero_grad()
+        F.cross_entropy(gsm(x), y, reduction="sum").backward()
+        return {k: p.grad_sample.square().sum(0) for k, p in gsm.named_parameters()}
+    return run
 
 
-opacus_diag.cache = {}
-METHODS = {"step": plain_step, "fastprune": fastprune_diag, "torch.func": torch_func, "backpack": backpack_diag,
-           "opacus": opacus_diag, "per-sample-loop": per_sample_loop}
+def plain(fn):
+    return lambda model: (lambda x, y: fn(model, x, y))
+
+
+# Each entry prepares a model once (hooks, extensions) and returns the timed call.
+METHODS = {"step": plain(plain_step), "fastprune": plain(fastprune_diag), "torch.func": plain(torch_func),
+           "backpack": backpack_diag, "opacus": opacus_diag, "per-sample-loop": plain(per_sample_loop)}
 
 
 @pytest.mark.parametrize("model_key", list(MODELS))
@@ -76,4 +84,4 @@ def test_fisher_diag(benchmark, model_key, method):
         benchmark.extra_info["scale"] = 4
     benchmark.group = f"fisher-diag {model_key}"
     benchmark.extra_info["method"] = method
-    benchmark.pedantic(METHODS[method], args=(model, x, y), **ROUNDS)
+    benchmark.pedantic(METHODS[method](model), args=(x, y), **ROUNDS)

@@ -22,15 +22,18 @@ def k_of(scores):
 
 @pytest.mark.benchmark(group="global-threshold")
 def test_fastprune_kth_smallest(benchmark, scores):
+    benchmark.extra_info["method"] = "fastprune"
     benchmark(kth_smallest, scores, k_of(scores))
 
 
 @pytest.mark.benchmark(group="global-threshold")
 def test_torch_cat_kthvalue(benchmark, scores):
+    benchmark.extra_info["method"] = "torch.cat + kthvalue"
     benchmark(lambda: torch.cat([s.flatten() for s in scores]).kthvalue(k_of(scores)))
 
 
 @pytest.mark.benchmark(group="global-threshold")
 def test_torch_cat_topk(benchmark, scores):
     # torch.nn.utils.prune.global_unstructured: concatenation + topk of the pruned count.
+    benchmark.extra_info["method"] = "torch.cat + topk (prune.global_unstructured)"
     benchmark(lambda: torch.topk(torch.cat([s.flatten() for s in scores]), k_of(scores), largest=False))

@@ -52,10 +52,11 @@ class LayerAdapter:
         n = calls[0][0].shape[0]
         if "weight" in names and type(self).grouped is not LayerAdapter.grouped:
             step = self.sample_tile(calls)
-            grad = sq = 0
-            for s0 in range(0, n, step):
+            grad, sq = _ops.grad_sq(*self.grouped(calls, 0, min(n, step)))
+            for s0 in range(step, n, step):
                 g, q = _ops.grad_sq(*self.grouped(calls, s0, min(n, s0 + step)))
-                grad, sq = grad + g, sq + q
+                grad += g
+                sq += q
             shape = self.module.weight.shape
             out["weight"] = (grad.reshape(shape), sq.reshape(shape))
         for name, ps in self.per_sample(calls).items():
