@@ -3,7 +3,6 @@
 Each method runs in a fresh process; the figure is the rise of the peak RSS over the
 peak after model, data and one plain training step (so allocator warm-up is shared).
 Usage: python benchmarks/memory_peak.py  (prints a Markdown table)."""
-import resource
 import subprocess
 import sys
 

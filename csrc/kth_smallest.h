@@ -30,6 +30,19 @@ inline int64_t check_kth_inputs(const std::vector<at::Tensor>& tensors, int64_t 
   return total;
 }
 
+// One radix-select step: finds the bin holding 0-based `rank` in a histogram of
+// the elements matching the current prefix, and moves `rank` and `num_less` past
+// the bins before it. Returns the bin.
+inline int64_t select_bin(const int64_t* hist, int64_t& rank, int64_t& num_less) {
+  int64_t bin = 0;
+  while (rank >= hist[bin]) {
+    rank -= hist[bin];
+    num_less += hist[bin];
+    ++bin;
+  }
+  return bin;
+}
+
 // Bits of the radix key: 64 for double, 32 for every narrower float (half and
 // bfloat16 are widened to float exactly).
 template <typename scalar_t>

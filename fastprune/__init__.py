@@ -7,7 +7,7 @@ Quick start::
     fastprune.sparsity_report(model)
     fastprune.remove_masks(model)  # make it permanent
 """
-from . import _ops, criteria
+from . import _ops, criteria  # noqa: F401  (_ops loads the op library, failing clearly if it is missing)
 from ._ops import kth_smallest
 from .blocks import FisherBlocks, per_sample_gradients
 from .fisher import fisher_diag

@@ -5,12 +5,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import _ops
 from .capture import check_batchnorm, iterate_batches, plan_stats, run_passes
 from .losses import FISHER_KINDS, fisher_passes, resolve_loss
-from .targets import find_targets
 
-__all__ = ["fisher_diag", "FisherBlocks"]
+__all__ = ["fisher_diag"]
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -1,7 +1,6 @@
 """``fastprune.prune``: one entry point for every criterion, scope and schedule."""
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch

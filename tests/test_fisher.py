@@ -289,3 +289,17 @@ def test_block_errors():
         fb.blocks("0.weight")
     with pytest.raises(KeyError, match="collected tensors"):
         fb.blocks("1.weight")
+
+
+def test_input_shape_errors():
+    model = nn.Sequential(nn.Linear(3, 2))
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+    with pytest.raises(ValueError, match="no samples"):
+        fastprune.fisher_diag(model, [], progress=False)
+    with pytest.raises(ValueError, match=r"\(inputs, targets\)"):
+        fastprune.fisher_diag(model, [x], progress=False)
+    with pytest.raises(TypeError, match="loss_fn must be"):
+        fastprune.fisher_diag(model, [(x, y)], loss_fn=3, progress=False)
+    frozen = nn.Sequential(nn.Linear(3, 2).requires_grad_(False))
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        fastprune.fisher_diag(frozen, [(x, y)], progress=False)

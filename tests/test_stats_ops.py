@@ -62,3 +62,9 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.fastprune.grad_sq.default, (x, dy))
     torch.library.opcheck(torch.ops.fastprune.per_sample_grads.default, (x, dy))
     torch.library.opcheck(torch.ops.fastprune.grad_blocks_accumulate.default, (x, dy, torch.zeros(3, 8, 8)))
+
+
+def test_blocks_dtype_must_match_accumulation():
+    x, dy = torch.randn(3, 1, 2, 4, dtype=torch.float64), torch.randn(3, 1, 2, 2, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="dtype"):
+        _ops.grad_blocks_accumulate(x, dy, torch.zeros(1, 8, 8))

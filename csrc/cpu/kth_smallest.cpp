@@ -48,12 +48,7 @@ std::tuple<at::Tensor, at::Tensor> kth_smallest_impl(const std::vector<at::Tenso
     }
     for (int th = 1; th < num_threads; ++th)
       for (int64_t b = 0; b < kBins; ++b) hist[b] += hist[th * kBins + b];
-    int64_t bin = 0;
-    while (rank >= hist[bin]) {
-      rank -= hist[bin];
-      num_less += hist[bin];
-      ++bin;
-    }
+    const int64_t bin = select_bin(hist.data(), rank, num_less);
     prefix |= static_cast<key_t>(bin) << shift;
     prefix_mask |= static_cast<key_t>(kBins - 1) << shift;
   }

@@ -76,12 +76,7 @@ std::tuple<at::Tensor, at::Tensor> kth_smallest_impl(const std::vector<at::Tenso
                                    stream));
     C10_CUDA_CHECK(cudaStreamSynchronize(stream));
     TORCH_CHECK(host[kBins] == 0, "kth_smallest: scores contain ", host[kBins], " NaN values; scores must be finite");
-    int bin = 0;
-    while (rank >= host[bin]) {
-      rank -= host[bin];
-      num_less += host[bin];
-      ++bin;
-    }
+    const int64_t bin = select_bin(host.data(), rank, num_less);
     prefix |= static_cast<key_t>(bin) << shift;
     prefix_mask |= static_cast<key_t>(kBins - 1) << shift;
   }
