@@ -64,11 +64,15 @@ std::tuple<at::Tensor, at::Tensor> grad_sq_impl(const at::Tensor& x_in, const at
   const int64_t N = x.size(0), G = x.size(1), K = x.size(3), O = dy.size(3);
   if (x.size(2) == 1) {
     // Rank-1 per-sample gradients: sum_n (dy_n x_n^T)^2 = (dy^2)^T x^2, two GEMMs.
-    const auto xt = x.select(2, 0).permute({1, 0, 2}), dyt = dy.select(2, 0).permute({1, 2, 0});
+    // Square before permuting: elementwise ops on the (N, G, .) layout stay contiguous.
+    const auto x1 = x.select(2, 0), dy1 = dy.select(2, 0);
+    const auto x2 = x1 * x1, dy2 = dy1 * dy1;  // mul is about 2x faster than square() on CPU
     if (G == 1) {
-      return {at::mm(dyt[0], xt[0]).unsqueeze(0), at::mm(dyt[0].square(), xt[0].square()).unsqueeze(0)};
+      return {at::mm(dy1.select(1, 0).t(), x1.select(1, 0)).unsqueeze(0),
+              at::mm(dy2.select(1, 0).t(), x2.select(1, 0)).unsqueeze(0)};
     }
-    return {at::bmm(dyt, xt), at::bmm(dyt.square(), xt.square())};
+    return {at::bmm(dy1.permute({1, 2, 0}), x1.permute({1, 0, 2})),
+            at::bmm(dy2.permute({1, 2, 0}), x2.permute({1, 0, 2}))};
   }
   at::Tensor grad = at::zeros({G, O, K}, x.options()), sq = at::zeros({G, O, K}, x.options());
   if (prefer_gemm_loop(x, dy)) {
