@@ -29,4 +29,13 @@ TORCH_LIBRARY(fastprune, m) {
   // blocks[b] += sum_n G_n[b] G_n[b]^T over blocks of B consecutive weights of the
   // flattened G_n; blocks is (ceil(G*O*K / B), B, B), the last block zero-padded.
   m.def("grad_blocks_accumulate(Tensor x, Tensor dy, Tensor(a!) blocks) -> ()");
+
+  // Inverse damped empirical Fisher, F_b = damp I + (1/N) sum_n g_n[b] g_n[b]^T per
+  // block b (see cpu/fisher_inverse.cpp). Dense: blocks (nb, B, B) hold the mean
+  // outer products; returns every F_b^-1 (batched Cholesky).
+  m.def("fisher_inverse(Tensor blocks, float damp) -> Tensor");
+  // (F + scale * sum_m g_m g_m^T)^-1 per block from F^-1 (nb, B, B) and grads (nb, M, B).
+  m.def("woodbury_update(Tensor inverse, Tensor grads, float scale) -> Tensor");
+  // Low-rank: grads (nb, N, B) -> W (nb, N, B) with F_b^-1 = (I - W^T W) / damp.
+  m.def("lowrank_factor(Tensor grads, float damp) -> Tensor");
 }

@@ -16,7 +16,8 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
         "`pip install --no-build-isolation -e .` (torch must be installed first)."
     ) from exc
 
-__all__ = ["kth_smallest", "grad_sq", "per_sample_grads", "grad_blocks_accumulate", "has_cuda_kernels"]
+__all__ = ["kth_smallest", "grad_sq", "per_sample_grads", "grad_blocks_accumulate", "fisher_inverse",
+           "woodbury_update", "lowrank_factor", "has_cuda_kernels"]
 
 
 @torch.library.register_fake("fastprune::kth_smallest")
@@ -46,6 +47,21 @@ def _grad_blocks_accumulate_fake(x, dy, blocks):
     return None
 
 
+@torch.library.register_fake("fastprune::fisher_inverse")
+def _fisher_inverse_fake(blocks, damp):
+    return blocks.new_empty(blocks.shape, dtype=_acc_dtype(blocks))
+
+
+@torch.library.register_fake("fastprune::woodbury_update")
+def _woodbury_update_fake(inverse, grads, scale):
+    return torch.empty_like(inverse)
+
+
+@torch.library.register_fake("fastprune::lowrank_factor")
+def _lowrank_factor_fake(grads, damp):
+    return grads.new_empty(grads.shape, dtype=_acc_dtype(grads))
+
+
 def grad_sq(x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sums over samples of the per-sample gradients G_n and of G_n**2 of a grouped
     linear map with inputs ``x`` (N, G, T, K) and output gradients ``dy`` (N, G, T, O),
@@ -64,6 +80,24 @@ def grad_blocks_accumulate(x: torch.Tensor, dy: torch.Tensor, blocks: torch.Tens
     entries of the flattened G_n; ``blocks`` is (ceil(G*O*K / B), B, B), the last
     block zero-padded."""
     torch.ops.fastprune.grad_blocks_accumulate(x, dy, blocks)
+
+
+def fisher_inverse(blocks: torch.Tensor, damp: float) -> torch.Tensor:
+    """(damp I + blocks[b])^-1 for every block of ``blocks`` (num_blocks, B, B), by one
+    batched Cholesky; float32 for 16-bit inputs."""
+    return torch.ops.fastprune.fisher_inverse(blocks, float(damp))
+
+
+def woodbury_update(inverse: torch.Tensor, grads: torch.Tensor, scale: float) -> torch.Tensor:
+    """(F_b + scale * sum_m g_m g_m^T)^-1 from F_b^-1 (``inverse``, (num_blocks, B, B))
+    and new gradients ``grads`` (num_blocks, M, B), by the Woodbury identity."""
+    return torch.ops.fastprune.woodbury_update(inverse, grads, float(scale))
+
+
+def lowrank_factor(grads: torch.Tensor, damp: float) -> torch.Tensor:
+    """W (num_blocks, N, B) with (damp I + G_b^T G_b / N)^-1 = (I - W_b^T W_b) / damp for
+    gradients ``grads`` (num_blocks, N, B); exact, never forms a B x B matrix."""
+    return torch.ops.fastprune.lowrank_factor(grads, float(damp))
 
 
 def kth_smallest(tensors: list[torch.Tensor], k: int) -> tuple[torch.Tensor, int]:

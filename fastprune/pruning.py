@@ -66,6 +66,23 @@ def _check_scores(criterion: Criterion, scores, targets: list[Target]) -> list[t
     return [s.to(dtype) for s in out]
 
 
+def _check_weights(criterion: Criterion, weights, targets: list[Target]) -> None:
+    for t in targets:
+        w = weights.get(t.name) if isinstance(weights, dict) else None
+        if w is not None and (w.shape != t.weight.shape or not bool(torch.isfinite(w).all())):
+            raise ValueError(f"{criterion!r} compensated {t.name!r} with a tensor of shape {tuple(w.shape)} "
+                             f"or non-finite values; expected finite values of shape {tuple(t.weight.shape)}. "
+                             "For OBS criteria this means the Fisher is ill-conditioned: increase damp")
+
+
+@torch.no_grad()
+def _write_weights(weights: dict[str, torch.Tensor], targets: list[Target]) -> None:
+    for t in targets:
+        if t.name in weights:
+            t.param.copy_(weights[t.name])
+            setattr(t.module, t.tensor_name, t.param * t.mask)
+
+
 def _check_capacity(targets: list[Target], keep: list[int], sparsity: float, per_tensor: list[float] | None,
                     scope: str) -> None:
     alive = [t.numel if t.mask is None else int(t.mask.count_nonzero()) for t in targets]
@@ -153,7 +170,12 @@ def prune(model: nn.Module, criterion: Criterion, sparsity: float, *, data: Iter
             new = threshold_masks(scores, [t.mask for t in targets], keep, amount)
             del scores
             masks = {t.name: m for t, m in zip(targets, new)}
+            weights = criterion.compensate(model, current, {t.name: t.mask for t in targets}, masks)
+            if weights is not None:
+                _check_weights(criterion, weights, targets)
             apply_masks(model, masks)
+            if weights is not None:
+                _write_weights(weights, targets)
     except BaseException:
         if snapshot is not None:
             snapshot.restore()

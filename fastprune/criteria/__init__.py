@@ -1,7 +1,10 @@
 """Pruning criteria. Each is a :class:`Criterion`: ``scores(...)`` returns a dict of
 per-weight scores (lower = pruned first) keyed like ``model.named_parameters()``."""
 from .base import Criterion
+from .loss_model import OBD, QM, LossModel, Taylor
 from .magnitude import Magnitude
 from .random import Random, erk_densities
+from .woodfisher import WoodFisher, WoodTaylor
 
-__all__ = ["Criterion", "Magnitude", "Random", "erk_densities"]
+__all__ = ["Criterion", "Magnitude", "Random", "erk_densities", "LossModel", "Taylor", "QM", "OBD",
+           "WoodFisher", "WoodTaylor"]

@@ -26,6 +26,14 @@ class Criterion:
         """
         raise NotImplementedError
 
+    def compensate(self, model: nn.Module, params: dict[str, torch.Tensor], old_masks: dict[str, torch.Tensor | None],
+                   new_masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """New values for the weights once ``new_masks`` are chosen (e.g. OBS updates
+        that move the survivors to make up for the pruned weights), or None to leave
+        them. Called after :meth:`scores` in the same step; ``fastprune.prune`` writes
+        the values together with the masks, so a failure here changes nothing."""
+        return None
+
     def allocation(self, params: dict[str, torch.Tensor], sparsity: float) -> dict[str, float] | None:
         """Per-tensor sparsities, for criteria that fix them (e.g. ERK); None lets
         ``fastprune.prune``'s ``scope`` decide."""

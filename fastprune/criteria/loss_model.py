@@ -1,0 +1,88 @@
+"""The loss-model criteria of Laurent et al., "Revisiting Loss Modelling for
+Unstructured Pruning": linear (LM / Taylor), quadratic (QM) and OBD."""
+from __future__ import annotations
+
+from ..fisher import fisher_diag
+from ..losses import FISHER_KINDS
+from .base import Criterion
+
+__all__ = ["LossModel", "Taylor", "QM", "OBD"]
+
+
+class LossModel(Criterion):
+    """Scores each weight by the modelled loss change of setting it to zero:
+
+        score_q = | -g_q w_q + 1/2 h_q w_q^2 | + 1/2 lam w_q^2
+
+    with g the mean gradient (dropped when ``gradient=False`` or, for ``order=1``,
+    kept alone) and h a Fisher diagonal of kind ``fisher`` (``"true"``: the
+    expectation over classes, i.e. the GGN diagonal; ``"empirical"``; ``"mc"``).
+
+    ``lam`` is the locality knob: the term 1/2 lam w^2 penalises large moves away
+    from the trained point, where the Taylor model stops being trustworthy; as
+    lam -> infinity every member reduces to magnitude pruning. Pruning in several
+    steps (``fastprune.prune(..., steps=k)``) re-estimates g and h at each step and
+    is the other way to stay local.
+
+    Args:
+        order: 1 (linear model, h = 0) or 2 (quadratic model).
+        fisher: the Fisher kind for h (ignored when ``order=1``).
+        lam: weight of the locality penalty, >= 0.
+        gradient: include the gradient term (False gives OBD).
+        max_samples: samples of ``data`` used for the statistics (default: all).
+        progress: show a progress bar while collecting them.
+    """
+
+    requires_data = True
+
+    def __init__(self, order: int = 2, fisher: str = "true", lam: float = 0.0, gradient: bool = True,
+                 max_samples: int | None = None, progress: bool = False):
+        if order not in (1, 2):
+            raise ValueError(f"order must be 1 (linear model) or 2 (quadratic model), got {order!r}")
+        if fisher not in FISHER_KINDS:
+            raise ValueError(f"fisher must be one of {FISHER_KINDS}, got {fisher!r}")
+        if not lam >= 0:
+            raise ValueError(f"lam must be >= 0, got {lam!r}")
+        if order == 1 and not gradient:
+            raise ValueError("order=1 without the gradient term models no loss change; use order=2 (OBD)")
+        self.order, self.fisher, self.lam, self.gradient = order, fisher, float(lam), gradient
+        self.max_samples, self.progress = max_samples, progress
+
+    def scores(self, model, params, data=None, loss_fn=None):
+        modules = [name.rpartition(".")[0] for name in params]
+        # The first-order model needs only the gradient, which the empirical pass gives for free.
+        kind = "empirical" if self.order == 1 else self.fisher
+        h, g = fisher_diag(model, data, loss_fn, fisher=kind, modules=modules, max_samples=self.max_samples,
+                           return_grad=True, progress=self.progress)
+        out = {}
+        for name, w in params.items():
+            w = w.to(h[name].dtype)
+            change = -g[name] * w if self.gradient else 0.0
+            if self.order == 2:
+                change = change + 0.5 * h[name] * w.square()
+            out[name] = change.abs() + 0.5 * self.lam * w.square()
+        return out
+
+
+class Taylor(LossModel):
+    """First-order Taylor (LM): score |g_q w_q| (+ 1/2 lam w_q^2)."""
+
+    def __init__(self, lam: float = 0.0, max_samples: int | None = None, progress: bool = False):
+        super().__init__(order=1, lam=lam, max_samples=max_samples, progress=progress)
+
+
+class QM(LossModel):
+    """Quadratic model (QM): score |-g_q w_q + 1/2 h_q w_q^2| (+ 1/2 lam w_q^2)."""
+
+    def __init__(self, fisher: str = "true", lam: float = 0.0, max_samples: int | None = None,
+                 progress: bool = False):
+        super().__init__(order=2, fisher=fisher, lam=lam, max_samples=max_samples, progress=progress)
+
+
+class OBD(LossModel):
+    """Optimal Brain Damage: score 1/2 h_q w_q^2 (+ 1/2 lam w_q^2), the gradient assumed zero."""
+
+    def __init__(self, fisher: str = "true", lam: float = 0.0, max_samples: int | None = None,
+                 progress: bool = False):
+        super().__init__(order=2, fisher=fisher, lam=lam, gradient=False, max_samples=max_samples,
+                         progress=progress)
