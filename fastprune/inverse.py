@@ -6,10 +6,15 @@ F_b = damp I + (1/N) sum_n g_n[b] g_n[b]^T. :class:`FisherInverse` holds every
 F_b^-1 in one of two exact forms:
 
 * dense (N >= B, or blocks from :class:`fastprune.FisherBlocks`): the explicit
-  (num_blocks, B, B) inverses from one batched Cholesky;
+  inverses from one batched Cholesky;
 * low-rank (N < B, e.g. a whole layer as one block): W = L^-1 G with
   L L^T = N damp I + G G^T, so F_b^-1 = (I - W^T W) / damp and the B x B matrix is
   never formed; diagonals and products cost O(N B) per block (the M-FAC idea).
+
+Pruned weights have zero gradients, so their rows of F are damp * e_q and
+F^-1 acts on them as 1 / damp. Given ``alive``, only the alive weights of each
+block are kept ("slots", padded to the fullest block), which makes late steps of
+a multi-step run much cheaper while staying exact.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import torch.nn.functional as F
 
 from . import _ops
 
-__all__ = ["FisherInverse", "default_max_memory"]
+__all__ = ["FisherInverse", "default_max_memory", "first_true"]
 
 
 def default_max_memory(device: torch.device) -> int:
@@ -42,16 +47,27 @@ def _check_budget(need: int, max_memory: int | None, device: torch.device, what:
                           f"{budget / 2**20:.0f} MiB; {hint}, or raise max_memory")
 
 
-def _pad_last(t: torch.Tensor, pad: int) -> torch.Tensor:
-    """Zero-pads the last dim by ``pad`` (no copy when there is nothing to pad)."""
-    return F.pad(t, (0, pad)) if pad else t
-
-
 def _check_damp(damp) -> float:
     if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not math.isfinite(damp) or damp <= 0:
         raise ValueError(f"damp must be a positive number, got {damp!r} (it keeps F invertible; "
                          "WoodFisher uses 1e-5)")
     return float(damp)
+
+
+def _blocked(v: torch.Tensor, nb: int, b: int) -> torch.Tensor:
+    """(numel, m) -> (nb, B, m), zero-padded."""
+    pad = nb * b - v.shape[0]
+    return (F.pad(v, (0, 0, 0, pad)) if pad else v).reshape(nb, b, v.shape[1])
+
+
+def first_true(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a bool (nb, B) mask: ``index`` (nb, K) listing each row's True positions
+    first (in order, K = the largest count; the remaining entries are False
+    positions) and ``valid`` (nb, K), True where ``index`` points at a True."""
+    counts = mask.sum(1)
+    k = int(counts.max()) if mask.numel() else 0
+    index = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :k]
+    return index, torch.arange(k, device=mask.device) < counts.unsqueeze(1)
 
 
 class FisherInverse:
@@ -61,10 +77,11 @@ class FisherInverse:
     diag(F^-1) and :meth:`mul` gives F^-1 v, both over the flattened tensor.
     """
 
-    def __init__(self, numel: int, block_size: int, damp: float, *, inverse: torch.Tensor | None = None,
-                 factor: torch.Tensor | None = None):
+    def __init__(self, numel: int, block_size: int, damp: float, slots: tuple[torch.Tensor, torch.Tensor], *,
+                 inverse: torch.Tensor | None = None, factor: torch.Tensor | None = None):
         self.numel, self.block_size, self.damp = numel, block_size, damp
-        self.inverse, self.factor = inverse, factor  # exactly one is set
+        self.index, self.valid = slots  # (nb, K): the block positions held in the K slots, and which are alive
+        self.inverse, self.factor = inverse, factor  # exactly one is set, in slot coordinates
         self._diag: torch.Tensor | None = None
 
     @property
@@ -75,24 +92,45 @@ class FisherInverse:
     def lowrank(self) -> bool:
         return self.factor is not None
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return (self.factor if self.lowrank else self.inverse).dtype
+
+    @staticmethod
+    def slots(numel: int, block_size: int, alive: torch.Tensor | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index, valid) of the alive weights of each block (all weights when ``alive`` is None)."""
+        nb = math.ceil(numel / block_size)
+        flat = torch.ones(numel, dtype=torch.bool, device=device) if alive is None else alive.flatten().bool()
+        return first_true(F.pad(flat, (0, nb * block_size - numel)).view(nb, block_size))
+
     @classmethod
-    def from_blocks(cls, blocks: torch.Tensor, damp: float, numel: int, max_memory: int | None = None
+    def from_blocks(cls, blocks: torch.Tensor, damp: float, numel: int, block_size: int | None = None,
+                    slots: tuple[torch.Tensor, torch.Tensor] | None = None, max_memory: int | None = None
                     ) -> "FisherInverse":
-        """From mean outer products ``blocks`` (num_blocks, B, B), e.g. ``FisherBlocks.blocks(name)``."""
+        """From mean outer products ``blocks`` (num_blocks, B, B), e.g.
+        ``FisherBlocks.blocks(name)``, or (num_blocks, K, K) over the ``slots``
+        returned by :meth:`slots` (then pass ``block_size``)."""
         damp = _check_damp(damp)
-        nb, b = blocks.shape[0], blocks.shape[-1]
-        if blocks.dim() != 3 or blocks.shape[1] != b or nb != math.ceil(numel / b):
+        b = blocks.shape[-1] if block_size is None else block_size
+        nb = math.ceil(numel / b)
+        if slots is None:
+            slots = cls.slots(numel, b, None, blocks.device)
+        index, valid = slots
+        k = index.shape[1]
+        if blocks.dim() != 3 or tuple(blocks.shape) != (nb, k, k):
             raise ValueError(f"blocks of shape {tuple(blocks.shape)} do not tile {numel} weights in blocks of "
-                             f"{b}; expected ({math.ceil(numel / b)}, {b}, {b})")
+                             f"{b}; expected ({nb}, {k}, {k})")
         _check_budget(3 * blocks.numel() * blocks.element_size(), max_memory, blocks.device,
-                      f"inverting {nb} Fisher blocks of {b} x {b}", "use a smaller block_size")
-        return cls(numel, b, damp, inverse=_ops.fisher_inverse(blocks, damp))
+                      f"inverting {nb} Fisher blocks of {k} x {k}", "use a smaller block_size")
+        both = valid.unsqueeze(2) & valid.unsqueeze(1)
+        return cls(numel, b, damp, slots, inverse=_ops.fisher_inverse(blocks * both, damp))
 
     @classmethod
     def from_grads(cls, grads: torch.Tensor, damp: float, block_size: int | None = None,
-                   max_memory: int | None = None) -> "FisherInverse":
+                   alive: torch.Tensor | None = None, max_memory: int | None = None) -> "FisherInverse":
         """From gradients ``grads`` (N, numel). ``block_size=None`` makes the whole
-        tensor one block. Uses the low-rank form when N < block size, else dense."""
+        tensor one block; ``alive`` (bool, numel) restricts the work to unpruned
+        weights. Uses the low-rank form when N < block size, else dense."""
         damp = _check_damp(damp)
         if grads.dim() != 2 or grads.shape[0] == 0:
             raise ValueError(f"grads must be (N, numel) with N >= 1, got shape {tuple(grads.shape)}")
@@ -102,66 +140,80 @@ class FisherInverse:
             raise ValueError(f"block_size must be a positive integer or None, got {block_size!r}")
         nb = math.ceil(numel / b)
         acc = torch.float64 if grads.dtype == torch.float64 else torch.float32
+        index, valid = cls.slots(numel, b, alive, grads.device)
+        k = index.shape[1]
+        per_block = cls.gather_slots(grads.to(acc), b, index, valid)  # (nb, N, K)
         size = torch.finfo(acc).bits // 8
-        per_block = _pad_last(grads.to(acc), nb * b - numel).view(n, nb, b).transpose(0, 1)  # (nb, N, B)
-        if n < b:
-            _check_budget(size * nb * (2 * n * b + 2 * n * n), max_memory, grads.device,
-                          f"the low-rank inverse of {nb} block(s) of {b} from {n} gradients",
+        if n < k:
+            _check_budget(size * nb * (2 * n * k + 2 * n * n), max_memory, grads.device,
+                          f"the low-rank inverse of {nb} block(s) of {k} from {n} gradients",
                           "use fewer gradients or a smaller block_size")
-            return cls(numel, b, damp, factor=_ops.lowrank_factor(per_block, damp))
-        _check_budget(size * nb * b * b * 3, max_memory, grads.device,
-                      f"inverting {nb} Fisher blocks of {b} x {b}",
+            return cls(numel, b, damp, (index, valid), factor=_ops.lowrank_factor(per_block, damp))
+        _check_budget(size * nb * k * k * 3, max_memory, grads.device, f"inverting {nb} Fisher blocks of {k} x {k}",
                       "use a smaller block_size, or fewer gradients than block_size for the low-rank path")
         blocks = torch.bmm(per_block.transpose(1, 2), per_block).div_(n)
-        return cls(numel, b, damp, inverse=_ops.fisher_inverse(blocks, damp))
+        return cls(numel, b, damp, (index, valid), inverse=_ops.fisher_inverse(blocks, damp))
+
+    @staticmethod
+    def gather_slots(grads: torch.Tensor, block_size: int, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Gradients (N, numel) -> (nb, N, K) at the slots, zero in invalid slots."""
+        nb, k = index.shape
+        g = _blocked(grads.T, nb, block_size)  # (nb, B, N)
+        if k < block_size:
+            g = g.gather(1, index.unsqueeze(2).expand(-1, -1, g.shape[2])) * valid.unsqueeze(2)
+        return g.transpose(1, 2)
 
     def update(self, grads: torch.Tensor, scale: float) -> None:
         """Dense form only: F_b += scale * sum_m g_m[b] g_m[b]^T for new gradients
         ``grads`` (M, numel), refreshing F^-1 by Woodbury instead of re-inverting."""
         if self.lowrank:
             raise ValueError("update() refreshes the dense form; rebuild a low-rank inverse with from_grads")
-        per_block = self._blocked(grads.to(self.inverse.dtype).T).permute(0, 2, 1)  # (nb, M, B)
-        self.inverse = _ops.woodbury_update(self.inverse, per_block.contiguous(), float(scale))
+        g = self.gather_slots(grads.to(self.dtype), self.block_size, self.index, self.valid)
+        self.inverse = _ops.woodbury_update(self.inverse, g.contiguous(), float(scale))
         self._diag = None
 
-    def _blocked(self, v: torch.Tensor) -> torch.Tensor:
-        """(numel, m) -> (num_blocks, B, m), zero-padded."""
-        nb, b = self.num_blocks, self.block_size
-        pad = nb * b - self.numel
-        return (F.pad(v, (0, 0, 0, pad)) if pad else v).reshape(nb, b, v.shape[1])
+    def _apply(self, vs: torch.Tensor) -> torch.Tensor:
+        """F^-1 in slot coordinates on (nb, K, m)."""
+        if self.lowrank:
+            w = self.factor
+            return (vs - w.transpose(1, 2) @ (w @ vs)) / self.damp
+        return self.inverse @ vs
 
     def diag(self) -> torch.Tensor:
         """diag(F^-1) over the flattened tensor, (numel,)."""
         if self._diag is None:
             if self.lowrank:
                 w = self.factor
-                d = (1.0 - (w * w).sum(1)) / self.damp  # w * w: a single pass, unlike square() on CPU
+                d = (1.0 - (w * w).sum(1)) / self.damp  # w * w: one pass, unlike square() on CPU
             else:
                 d = self.inverse.diagonal(0, 1, 2)
-            self._diag = d.reshape(-1)[: self.numel]
+            full = torch.full((self.num_blocks, self.block_size), 1.0 / self.damp, dtype=d.dtype, device=d.device)
+            self._diag = full.scatter_(1, self.index, d).reshape(-1)[: self.numel]
         return self._diag
 
     def mul(self, v: torch.Tensor) -> torch.Tensor:
         """F^-1 v blockwise for v of shape (numel,) or (numel, m)."""
         one = v.dim() == 1
-        dtype = (self.factor if self.lowrank else self.inverse).dtype
-        vb = self._blocked(v.to(dtype).reshape(self.numel, -1))
-        if self.lowrank:
-            w = self.factor
-            out = (vb - w.transpose(1, 2) @ (w @ vb)) / self.damp
-        else:
-            out = self.inverse @ vb
+        vb = _blocked(v.to(self.dtype).reshape(self.numel, -1), self.num_blocks, self.block_size)
+        idx = self.index.unsqueeze(2).expand(-1, -1, vb.shape[2])
+        out = (vb / self.damp).scatter_(1, idx, self._apply(vb.gather(1, idx)))
         out = out.reshape(-1, vb.shape[2])[: self.numel]
         return out[:, 0] if one else out
 
-    def columns(self, index: torch.Tensor) -> torch.Tensor:
-        """Columns of each block's F_b^-1: ``index`` (num_blocks, K) holds positions
-        within the block; returns (num_blocks, B, K)."""
+    def columns(self, positions: torch.Tensor) -> torch.Tensor:
+        """Columns of each block's F_b^-1 at alive ``positions`` (num_blocks, Q) within
+        the block; returns (num_blocks, B, Q). Entries of ``positions`` that are not
+        alive give unspecified columns (callers mask them)."""
+        nb, b, k = self.num_blocks, self.block_size, self.index.shape[1]
+        slot_of = torch.zeros(nb, b, dtype=torch.long, device=self.index.device)
+        slot_of.scatter_(1, self.index, torch.arange(k, device=self.index.device).expand(nb, -1))
+        slots = slot_of.gather(1, positions)  # (nb, Q)
         if self.lowrank:
             w = self.factor
-            wq = w.gather(2, index.unsqueeze(1).expand(-1, w.shape[1], -1))  # (nb, N, K)
-            eye = torch.zeros(w.shape[0], w.shape[2], index.shape[1], dtype=w.dtype, device=w.device)
-            eye.scatter_(1, index.unsqueeze(1), 1.0)
-            return (eye - w.transpose(1, 2) @ wq) / self.damp
-        inv = self.inverse
-        return inv.gather(2, index.unsqueeze(1).expand(-1, inv.shape[1], -1))
+            eye = torch.zeros(nb, k, slots.shape[1], dtype=w.dtype, device=w.device)
+            eye.scatter_(1, slots.unsqueeze(1), 1.0)
+            cols = (eye - w.transpose(1, 2) @ w.gather(2, slots.unsqueeze(1).expand(-1, w.shape[1], -1))) / self.damp
+        else:
+            cols = self.inverse.gather(2, slots.unsqueeze(1).expand(-1, k, -1))  # (nb, K, Q)
+        out = torch.zeros(nb, b, slots.shape[1], dtype=cols.dtype, device=cols.device)
+        return out.scatter_(1, self.index.unsqueeze(2).expand(-1, -1, slots.shape[1]), cols)

@@ -9,8 +9,9 @@ WoodFisher's w_q^2 / (2 [F^-1]_qq) and d = -F^-1 e_q w_q / [F^-1]_qq.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from .inverse import FisherInverse, _check_budget
+from .inverse import FisherInverse, _check_budget, first_true
 
 __all__ = ["obs_scores", "obs_update"]
 
@@ -43,20 +44,17 @@ def _group_step(inv: FisherInverse, r: torch.Tensor, pruned: torch.Tensor, max_m
     """F^-1[:, Q] (F^-1[Q, Q])^-1 r_Q per block, padding blocks to the largest |Q|."""
     nb, b = inv.num_blocks, inv.block_size
     pad = nb * b - inv.numel
-    pb = torch.nn.functional.pad(pruned, (0, pad)).view(nb, b)
-    counts = pb.sum(1)
-    k = int(counts.max()) if nb else 0
+    index, valid = first_true(F.pad(pruned, (0, pad)).view(nb, b))
+    k = index.shape[1]
     if k == 0:
         return torch.zeros_like(r)
     _check_budget(r.element_size() * nb * (b * k + 2 * k * k), max_memory, r.device,
                   f"the group OBS update of up to {k} weights in each of {nb} block(s) of {b}",
                   "use update=True (independent updates) or a smaller block_size / more steps")
-    index = torch.argsort((~pb).to(torch.int8), dim=1, stable=True)[:, :k]  # pruned positions first
-    valid = torch.arange(k, device=r.device) < counts.unsqueeze(1)  # (nb, K)
     cols = inv.columns(index) * valid.unsqueeze(1)  # (nb, B, K)
     core = cols.gather(1, index.unsqueeze(2).expand(-1, -1, k))  # (nb, K, K) = F^-1[Q, Q]
     both = valid.unsqueeze(2) & valid.unsqueeze(1)
     core = torch.where(both, core, torch.diag_embed((~valid).to(core.dtype)))  # identity on padding
-    rq = torch.nn.functional.pad(r, (0, pad)).view(nb, b).gather(1, index) * valid
+    rq = F.pad(r, (0, pad)).view(nb, b).gather(1, index) * valid
     lam = torch.linalg.solve(core, rq.unsqueeze(2))
     return (cols @ lam).reshape(-1)[: inv.numel]

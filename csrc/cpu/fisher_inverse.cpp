@@ -40,7 +40,11 @@ at::Tensor fisher_inverse(const at::Tensor& blocks_in, double damp) {
   check_finite(blocks_in, "blocks", "fisher_inverse");
   at::Tensor f = blocks_in.to(acc_type(blocks_in.scalar_type()), /*non_blocking=*/false, /*copy=*/true);
   f.diagonal(0, 1, 2).add_(damp);
-  return at::cholesky_inverse(cholesky(f, "fisher_inverse"));
+  const at::Tensor inv = at::cholesky_inverse(cholesky(f, "fisher_inverse"));
+  // LAPACK returns it column-major; it is symmetric, so the transpose is the same
+  // matrix in row-major order at no cost.
+  if (inv.is_contiguous()) return inv;
+  return inv.mT().is_contiguous() ? inv.mT() : inv.contiguous();
 }
 
 // Inverse of (F + scale * sum_m g_m g_m^T) per block from F^-1 (nb, B, B) and new
@@ -72,7 +76,8 @@ at::Tensor lowrank_factor(const at::Tensor& grads_in, double damp) {
   const at::Tensor g = grads_in.to(acc_type(grads_in.scalar_type()));
   at::Tensor core = at::bmm(g, g.transpose(1, 2));  // (nb, N, N)
   core.diagonal(0, 1, 2).add_(damp * static_cast<double>(g.size(1)));
-  return at::linalg_solve_triangular(cholesky(core, "lowrank_factor"), g, /*upper=*/false);
+  // Row-major like the input, whatever layout the triangular solve picked.
+  return at::linalg_solve_triangular(cholesky(core, "lowrank_factor"), g, /*upper=*/false).contiguous();
 }
 
 }  // namespace

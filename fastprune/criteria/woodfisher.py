@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from ..blocks import per_sample_gradients
 from ..inverse import FisherInverse, _check_budget, _check_damp
+from ..masks import get_mask, split_param_name
 from ..obs import obs_scores, obs_update
 from ..stream import SampleStream
 from .base import Criterion
@@ -88,19 +88,21 @@ class WoodFisher(Criterion):
         _check_budget(need, self.max_memory, device, f"WoodFisher with num_grads={n} and block_size={self.block_size}",
                       "use a smaller block_size, or fewer num_grads than block_size for the low-rank path")
 
-    def _collect(self, model, params, x, y, loss_fn):
-        """{name: FisherInverse} and the mean gradients, from per-sample gradients formed in chunks."""
+    def _collect(self, model, params, alive, x, y, loss_fn):
+        """{name: FisherInverse} and the mean gradients, from per-sample gradients formed
+        in chunks; only alive weights enter the inverses (pruned ones have zero gradients)."""
         m, n = self.fisher_mini_batch, self.num_grads
         modules = [name.rpartition(".")[0] for name in params]
         total = sum(w.numel() for w in params.values())
         chunk = max(m, (_CHUNK_BYTES // (4 * total * m)) * m)
-        lowrank = {k: n < self._block(w.numel()) for k, w in params.items()}
+        slots = {k: FisherInverse.slots(w.numel(), self._block(w.numel()), alive[k], w.device)
+                 for k, w in params.items()}
+        lowrank = {k: n < slots[k][0].shape[1] for k in params}
         kept: dict[str, list[torch.Tensor]] = {k: [] for k in params if lowrank[k]}
         blocks: dict[str, torch.Tensor] = {}
         grad_sum: dict[str, torch.Tensor] = {}
         for s0 in range(0, len(x), chunk):
-            ps = per_sample_gradients(model, x[s0:s0 + chunk], y[s0:s0 + chunk], loss_fn, modules=modules,
-                                      strict=False)
+            ps = per_sample_gradients(model, x[s0:s0 + chunk], y[s0:s0 + chunk], loss_fn, modules=modules)
             for k, g in ps.items():
                 if m > 1:
                     g = g.view(-1, m, g.shape[1]).mean(1)
@@ -108,20 +110,20 @@ class WoodFisher(Criterion):
                 if lowrank[k]:
                     kept[k].append(g)
                     continue
-                b = self._block(g.shape[1])
-                nb = math.ceil(g.shape[1] / b)
-                gb = F.pad(g, (0, nb * b - g.shape[1])).view(len(g), nb, b).permute(1, 2, 0)  # (nb, B, c)
+                gs = FisherInverse.gather_slots(g, self._block(g.shape[1]), *slots[k])  # (nb, c, K)
                 if k not in blocks:
-                    blocks[k] = torch.zeros(nb, b, b, dtype=g.dtype, device=g.device)
-                blocks[k].baddbmm_(gb, gb.transpose(1, 2))
+                    blocks[k] = gs.new_zeros(gs.shape[0], gs.shape[2], gs.shape[2])
+                blocks[k].baddbmm_(gs.transpose(1, 2), gs)
         invs = {}
         for k, w in params.items():
+            b = self._block(w.numel())
             if lowrank[k]:
                 parts = kept.pop(k)
                 grads = parts[0] if len(parts) == 1 else torch.cat(parts)
-                invs[k] = FisherInverse.from_grads(grads, self.damp, self._block(w.numel()), self.max_memory)
+                invs[k] = FisherInverse.from_grads(grads, self.damp, b, alive[k], self.max_memory)
             else:
-                invs[k] = FisherInverse.from_blocks(blocks.pop(k).div_(n), self.damp, w.numel(), self.max_memory)
+                invs[k] = FisherInverse.from_blocks(blocks.pop(k).div_(n), self.damp, w.numel(), b, slots[k],
+                                                    self.max_memory)
         return invs, {k: v / n for k, v in grad_sum.items()}
 
     def scores(self, model, params, data=None, loss_fn=None):
@@ -129,7 +131,8 @@ class WoodFisher(Criterion):
             return {}
         self._check_memory(params, next(iter(params.values())).device)
         x, y = self._samples(data)
-        invs, grads = self._collect(model, params, x, y, loss_fn)
+        alive = {k: get_mask(*split_param_name(model, k)) for k in params}
+        invs, grads = self._collect(model, params, alive, x, y, loss_fn)
         self._pending, out = {}, {}
         for k, w in params.items():
             newton = invs[k].mul(grads[k]) if self._gradient_term else None
