@@ -15,11 +15,18 @@ from .targets import find_targets
 __all__ = ["FisherBlocks", "per_sample_gradients"]
 
 
-def _check_finite_calls(name: str, calls) -> None:
-    for inp, g in calls:
-        if (inp.is_floating_point() and not bool(torch.isfinite(inp).all())) or not bool(torch.isfinite(g).all()):
-            raise FloatingPointError(f"non-finite inputs or output gradients (NaN or inf) in {name!r}; check the "
-                                     "inputs, the loss and the model for overflow")
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    # NaN and inf survive a sum, so one reduction checks every per-sample gradient.
+    if not bool(torch.isfinite(t.sum())):
+        raise FloatingPointError(f"non-finite per-sample gradients (NaN or inf) in {name!r}; check the inputs, the "
+                                 "loss and the model for overflow")
+
+
+def _weight_per_sample(adapter, calls, s0: int, s1: int) -> torch.Tensor:
+    """Per-sample weight gradients (S, numel) of samples [s0, s1), by the layer's direct
+    route when it has one, else by the grouped-linear op."""
+    ps = adapter.per_sample_weight(calls, s0, s1)
+    return ps if ps is not None else _ops.per_sample_grads(*adapter.grouped(calls, s0, s1))
 
 
 def _empirical(y):
@@ -75,11 +82,15 @@ class FisherBlocks:
                     if mod_name not in calls:
                         continue
                     key = f"{mod_name}.weight" if mod_name else "weight"
-                    _check_finite_calls(key, calls[mod_name])
                     n, step = len(inputs), adapter.sample_tile(calls[mod_name])
                     for s0 in range(0, n, step):
-                        _ops.grad_blocks_accumulate(*adapter.grouped(calls[mod_name], s0, min(n, s0 + step)),
-                                                    self._sums[key])
+                        ps = adapter.per_sample_weight(calls[mod_name], s0, min(n, s0 + step))
+                        if ps is not None:
+                            self._add_per_sample(key, ps)
+                        else:
+                            _ops.grad_blocks_accumulate(*adapter.grouped(calls[mod_name], s0, min(n, s0 + step)),
+                                                        self._sums[key])
+                    _check_finite(key, self._sums[key])
                 for key, ps in fallback.items():
                     self._add_per_sample(key, ps.reshape(len(inputs), -1))
         finally:
@@ -123,8 +134,8 @@ def per_sample_gradients(model: nn.Module, inputs: torch.Tensor, targets, loss_f
         for mod_name, (adapter, _) in plan.native.items():
             key = f"{mod_name}.weight" if mod_name else "weight"
             if mod_name in calls:
-                _check_finite_calls(key, calls[mod_name])
-                out[key] = _ops.per_sample_grads(*adapter.grouped(calls[mod_name], 0, len(inputs)))
+                out[key] = _weight_per_sample(adapter, calls[mod_name], 0, len(inputs))
+                _check_finite(key, out[key])
         out.update({k: v.reshape(len(inputs), -1) for k, v in fallback.items()})
     for key in keys:
         mask = plan.masks.get(key)

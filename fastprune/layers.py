@@ -18,6 +18,9 @@ __all__ = ["adapter_for", "LayerAdapter"]
 
 # Unfolded conv inputs are processed in sample tiles of about this many bytes.
 _UNFOLD_BYTES = 256 << 20
+# Per-sample conv gradients go by one grouped convolution from this many output
+# positions on (measured on CPU: 2-3x faster at 16x16 and 32x32, slower at 8x8).
+DIRECT_CONV_MIN_POSITIONS = 128
 
 
 def _cat_calls(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -41,6 +44,11 @@ class LayerAdapter:
     def sample_tile(self, calls) -> int:
         """Samples per tile for :meth:`grouped` (memory bound)."""
         return calls[0][0].shape[0]
+
+    def per_sample_weight(self, calls, s0: int, s1: int) -> torch.Tensor | None:
+        """Per-sample weight gradients (S, numel) of samples [s0, s1) when the layer has a
+        faster direct route than the grouped-linear ops, else None."""
+        return None
 
     def per_sample(self, calls) -> dict[str, torch.Tensor]:
         """Per-sample gradients (N, *shape) of the small parameters."""
@@ -113,6 +121,26 @@ class ConvAdapter(LayerAdapter):
             xs.append(u.view(n, groups, -1, u.shape[-1]).transpose(2, 3))
             dys.append(g[s0:s1].reshape(n, groups, m.out_channels // groups, -1).transpose(2, 3))
         return _cat_calls(xs), _cat_calls(dys)
+
+    def per_sample_weight(self, calls, s0, s1):
+        # Without groups, G_n[o, c, i] = sum_t dy_n[o, t] x_n[c, t * stride + i * dilation - pad] is
+        # itself a convolution of x_n (channels as the batch) with dy_n as the kernel, with stride and
+        # dilation swapped; one grouped conv over the samples does all of them without im2col,
+        # 2-3x faster than unfold + GEMM on large feature maps.
+        m = self.module
+        if m.groups != 1 or calls[0][1][0, 0].numel() < DIRECT_CONV_MIN_POSITIONS:
+            return None
+        total = 0
+        for inp, g in calls:
+            inp, k, d, pad, s = self._unfold_args(inp[s0:s1])
+            g = g[s0:s1]
+            g = g.unsqueeze(2) if g.dim() == 3 else g
+            acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+            n, c, o = inp.shape[0], inp.shape[1], g.shape[1]
+            res = F.conv2d(inp.to(acc).transpose(0, 1), g.to(acc).reshape(n * o, 1, *g.shape[2:]), padding=pad,
+                           stride=d, dilation=s, groups=n)  # (C, N*O, >=kh, >=kw)
+            total = total + res[:, :, : k[0], : k[1]].reshape(c, n, o, k[0], k[1]).permute(1, 2, 0, 3, 4)
+        return total.reshape(s1 - s0, -1)
 
     def sample_tile(self, calls):
         # Unfolded bytes per sample: (Cin/G * kernel) * G * output positions, summed over calls.

@@ -303,3 +303,28 @@ def test_input_shape_errors():
     frozen = nn.Sequential(nn.Linear(3, 2).requires_grad_(False))
     with pytest.raises(ValueError, match="no trainable parameters"):
         fastprune.fisher_diag(frozen, [(x, y)], progress=False)
+
+
+@pytest.mark.parametrize("route", ["direct", "grouped-op"])
+@pytest.mark.parametrize("cfg", [dict(kernel_size=(3, 2), **cfg) for cfg in CONV2D if cfg["groups"] == 1] +
+                         [dict(kernel_size=4, padding="same", dilation=2),
+                          dict(kernel_size=3, padding=(1, 2), padding_mode="reflect", stride=(2, 1)),
+                          dict(kernel_size=3, stride=2, padding=1, dilation=2, one_d=True),
+                          dict(kernel_size=3, groups=3)])
+def test_conv_per_sample_weight_routes(cfg, route, monkeypatch):
+    # The direct (grouped-convolution) route only runs on large feature maps; force either one.
+    monkeypatch.setattr(fastprune.layers, "DIRECT_CONV_MIN_POSITIONS", 0 if route == "direct" else 1 << 30)
+    cfg = dict(cfg)
+    one_d = cfg.pop("one_d", False)
+    conv = (nn.Conv1d if one_d else nn.Conv2d)(3, 6 if cfg.get("groups") == 3 else 4, **cfg)
+    shape = (3, 11) if one_d else (3, 9, 8)
+    model = conv_model(conv, shape)
+    x, y = torch.randn(5, *shape, dtype=torch.float64), torch.randint(0, 3, (5,))
+    got = fastprune.per_sample_gradients(model, x, y)
+    fb = fastprune.FisherBlocks(model, 7)
+    fb.accumulate(x, y)
+    ps = per_sample_grads(model, x, y)["0.weight"].reshape(5, -1)
+    torch.testing.assert_close(got["0.weight"], ps)
+    nb = -(-ps.shape[1] // 7)
+    g = F.pad(ps, (0, nb * 7 - ps.shape[1])).view(5, nb, 7)
+    torch.testing.assert_close(fb.blocks("0.weight"), torch.einsum("nbi,nbj->bij", g, g) / 5)
