@@ -20,7 +20,8 @@ bench: $(VENV)/.built
 	$(PY) -m pip install -q --no-deps -r requirements-bench.txt
 	cd benchmarks && ../$(PY) -m pytest -q . --benchmark-only --benchmark-json=../build/bench.json
 	$(PY) benchmarks/memory_peak.py > build/memory.md
-	$(PY) benchmarks/report.py build/bench.json build/memory.md > benchmarks/RESULTS.md
+	$(PY) benchmarks/woodfisher_runs.py > build/woodfisher.md
+	$(PY) benchmarks/report.py build/bench.json build/memory.md build/woodfisher.md > benchmarks/RESULTS.md
 
 build: $(VENV)/.built
 

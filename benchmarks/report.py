@@ -1,6 +1,6 @@
 """Turns a pytest-benchmark JSON file into the tables of benchmarks/RESULTS.md.
 
-Usage: python benchmarks/report.py BENCH.json MEMORY.md > benchmarks/RESULTS.md
+Usage: python benchmarks/report.py BENCH.json MEMORY.md [EXTRA.md ...] > benchmarks/RESULTS.md
 Ratios are taken within one run: each method's median over the baseline's median
 (the plain step for Fisher diagonals, fastprune elsewhere). Methods timed on a
 subset of the samples carry a `scale` in extra_info and are scaled up."""
@@ -39,7 +39,7 @@ def table(rows, baseline, unit_note=""):
     return "\n".join(out)
 
 
-def main(bench_json, memory_md=None):
+def main(bench_json, memory_md=None, *extra_md):
     groups = load(bench_json)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.machine()) if platform.system() == "Linux" else platform.machine()
@@ -49,6 +49,7 @@ def main(bench_json, memory_md=None):
         ("fisher-diag", "step", "Fisher diagonal + mean gradient (one batch) vs a plain training step", ""),
         ("fisher-blocks", "fastprune", "Fisher blocks, B = 128, all layers", " GFLOP/s |"),
         ("global-threshold", "fastprune", "Global threshold (k-th smallest of 25.5 M scores in 54 tensors)", ""),
+        ("fisher-inverse", "fastprune", "Blocked inverse Fisher, d = 65536, diag(F^-1) of every block", ""),
     ]
     for prefix, baseline, title, unit in sections:
         for group in sorted(g for g in groups if g.startswith(prefix)):
@@ -59,6 +60,8 @@ def main(bench_json, memory_md=None):
     if memory_md:
         print("## Peak extra memory, Fisher diagonal, LeNet-300-100, batch 1024\n")
         print(open(memory_md).read())
+    for path in extra_md:  # sections written whole by other scripts (e.g. woodfisher_runs.py)
+        print(open(path).read())
 
 
 if __name__ == "__main__":
