@@ -134,10 +134,11 @@ class FisherInverse:
         damp = _check_damp(damp)
         if grads.dim() != 2 or grads.shape[0] == 0:
             raise ValueError(f"grads must be (N, numel) with N >= 1, got shape {tuple(grads.shape)}")
+        if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
+                                       or block_size < 1):
+            raise ValueError(f"block_size must be a positive integer or None, got {block_size!r}")
         n, numel = grads.shape
         b = numel if block_size is None else min(block_size, numel)
-        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
-            raise ValueError(f"block_size must be a positive integer or None, got {block_size!r}")
         nb = math.ceil(numel / b)
         acc = torch.float64 if grads.dtype == torch.float64 else torch.float32
         index, valid = cls.slots(numel, b, alive, grads.device)

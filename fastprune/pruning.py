@@ -22,6 +22,11 @@ def geometric_schedule(sparsity: float, steps: int) -> list[float]:
     return [1.0 - (1.0 - sparsity) ** (k / steps) for k in range(1, steps + 1)]
 
 
+def _refresh_weight(t: Target) -> None:
+    """Recomputes the masked weight now, as torch's pruning hook does before each forward."""
+    setattr(t.module, t.tensor_name, t.param * t.mask)
+
+
 class _Snapshot:
     """Weights and masks of the targets, to restore if a multi-step call fails."""
 
@@ -37,7 +42,7 @@ class _Snapshot:
                 t.mask.copy_(mask)
             t.param.copy_(weight)
             if mask is not None:
-                setattr(t.module, t.tensor_name, t.param * t.mask)
+                _refresh_weight(t)
 
 
 def _check_scores(criterion: Criterion, scores, targets: list[Target]) -> list[torch.Tensor]:
@@ -80,7 +85,7 @@ def _write_weights(weights: dict[str, torch.Tensor], targets: list[Target]) -> N
     for t in targets:
         if t.name in weights:
             t.param.copy_(weights[t.name])
-            setattr(t.module, t.tensor_name, t.param * t.mask)
+            _refresh_weight(t)
 
 
 def _check_capacity(targets: list[Target], keep: list[int], sparsity: float, per_tensor: list[float] | None,

@@ -15,23 +15,26 @@ class SampleStream:
         self.data = data
         self._it = None
         self._rest = None
+        self._samples_this_pass = 0
 
     def _next_batch(self):
         if self._rest is not None:
             batch, self._rest = self._rest, None
             return batch
-        for restarted in (False, True):
+        while True:
             if self._it is None:
                 self._it = iter(self.data)
+                self._samples_this_pass = 0
             try:
                 batch = next(self._it)
                 break
             except StopIteration:
                 self._it = None
-                if restarted:
+                if self._samples_this_pass == 0:  # a whole pass without a sample: restarting cannot help
                     raise ValueError("data yielded no samples") from None
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
             raise ValueError("data must yield (inputs, targets) batches, e.g. a DataLoader over a TensorDataset")
+        self._samples_this_pass += len(batch[0])
         return batch
 
     def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:

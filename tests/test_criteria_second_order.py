@@ -167,3 +167,26 @@ def test_large_lam_reduces_to_magnitude(mlp):
 def test_loss_model_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LossModel(**kwargs)
+
+
+def test_sample_stream_all_empty_batches_raises():
+    empty = (torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="no samples"):
+        SampleStream([empty, empty]).take(2)
+
+
+class BadCompensation(Magnitude):
+    def __init__(self, value):
+        self.value = value
+
+    def compensate(self, model, params, old_masks, new_masks):
+        return {k: self.value(w) for k, w in params.items()}
+
+
+@pytest.mark.parametrize("value", [lambda w: w.flatten(), lambda w: torch.full_like(w, float("nan"))])
+def test_bad_compensation_is_rejected_and_model_unchanged(mlp, value):
+    state = {k: v.clone() for k, v in mlp.state_dict().items()}
+    with pytest.raises(ValueError, match="compensated"):
+        fastprune.prune(mlp, BadCompensation(value), 0.5, progress=False)
+    for k, v in mlp.state_dict().items():
+        assert torch.equal(v, state[k])

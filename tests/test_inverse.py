@@ -147,3 +147,30 @@ def test_shape_errors():
         FisherInverse.from_grads(torch.zeros(0, 4), 1e-3, 2)
     with pytest.raises(ValueError, match="update\\(\\) refreshes the dense form"):
         FisherInverse.from_grads(torch.randn(2, 8), 1e-3, None).update(torch.randn(1, 8), 1.0)
+
+
+def test_non_contiguous_gradients():
+    grads = torch.randn(60, 45, dtype=torch.float64).T  # (45, 60) view, not contiguous
+    assert not grads.is_contiguous()
+    for b in (None, 16):  # low-rank (45 < 60), dense (45 >= 16)
+        inv = FisherInverse.from_grads(grads, 1e-2, b)
+        ref_diag, _ = full_ops(explicit_blocks(grads, 1e-2, 60 if b is None else b), 60)
+        assert rel(inv.diag(), ref_diag) < 1e-10
+
+
+def test_woodbury_errors():
+    inv = torch.eye(4).expand(2, 4, 4).contiguous()
+    with pytest.raises(RuntimeError, match="scale must be positive"):
+        _ops.woodbury_update(inv, torch.randn(2, 3, 4), 0.0)
+    with pytest.raises(RuntimeError, match="expected grads"):
+        _ops.woodbury_update(inv, torch.randn(2, 3, 5), 1.0)
+    bad = torch.randn(2, 3, 4)
+    bad[0, 0, 0] = float("inf")
+    with pytest.raises(RuntimeError, match="NaN or inf"):
+        _ops.woodbury_update(inv, bad, 1.0)
+
+
+@pytest.mark.parametrize("block_size", [0, -3, 2.5, True])
+def test_bad_block_size(block_size):
+    with pytest.raises(ValueError, match="block_size must be"):
+        FisherInverse.from_grads(torch.randn(4, 10), 1e-3, block_size)

@@ -47,3 +47,4 @@ def test_sixteen_steps_reach_locality_target(mnist):
                     loss_fn="nll", steps=16, progress=False)
     assert fastprune.sparsity_report(model, print_table=False)["global"]["sparsity"] == pytest.approx(0.95, abs=1e-4)
     assert accuracy(model, *test) >= 0.905
+
