@@ -38,11 +38,16 @@ class _BatchNormEval:
             m.train()
 
 
-def _check_finite(name: str, *tensors: torch.Tensor) -> None:
-    # A sum is finite only if every element is (an overflowing sum is worth reporting too).
-    if not all(bool(torch.isfinite(t.sum())) for t in tensors):
-        raise FloatingPointError(f"non-finite per-sample gradients (NaN or inf) in {name!r}; check the inputs, "
-                                 "the loss and the model for overflow (lower the learning rate, use float32)")
+def _check_finite(sums: list[tuple[str, torch.Tensor]]) -> None:
+    # NaN and inf persist in the sums, so checking them once at the end suffices. A tensor's
+    # total is finite only if every element is (an overflowing total is worth reporting too);
+    # stacking the totals needs a single host sync.
+    totals = torch.stack([t.sum() for _, t in sums])
+    if bool(totals.isfinite().all()):
+        return
+    name = sums[int((~totals.isfinite()).nonzero()[0])][0]
+    raise FloatingPointError(f"non-finite per-sample gradients (NaN or inf) in {name!r}; check the inputs, "
+                             "the loss and the model for overflow (lower the learning rate, use float32)")
 
 
 def fisher_diag(model: nn.Module, data, loss_fn=None, *, fisher: str = "empirical", mc_samples: int = 1,
@@ -106,8 +111,9 @@ def fisher_diag(model: nn.Module, data, loss_fn=None, *, fisher: str = "empirica
             count += len(x)
     if count == 0:
         raise ValueError("data yielded no samples")
-    for key, total in sq_sums.items():  # NaN and inf persist in the sums, so one check at the end suffices
-        _check_finite(key, total, grad_sums.get(key, total))
+    # A non-finite g_n makes its square non-finite too, so the squares cover the gradients
+    # of the same passes; a separate gradient pass (tag "grad") is checked on its own.
+    _check_finite(list(sq_sums.items()) + ([] if fisher == "empirical" else list(grad_sums.items())))
     diag = {k: _finish(sq_sums.get(k), count, plan, k) for k in plan.keys}
     if not return_grad:
         return diag

@@ -84,8 +84,10 @@ class LinearAdapter(LayerAdapter):
         return x, dy
 
     def per_sample(self, calls):
-        n = calls[0][0].shape[0]
-        return {"bias": sum(g.reshape(n, -1, self.module.out_features).sum(1) for _, g in calls)}
+        n, o = calls[0][0].shape[0], self.module.out_features
+        # A 2-D output gradient already is the per-sample bias gradient: skip the reduction's copy.
+        parts = [g if g.dim() == 2 else g.reshape(n, -1, o).sum(1) for _, g in calls]
+        return {"bias": parts[0] if len(parts) == 1 else sum(parts)}
 
 
 class ConvAdapter(LayerAdapter):
