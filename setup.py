@@ -33,7 +33,8 @@ def want_cuda() -> bool:
 
 
 sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-extra = {"cxx": ["-O3", "-fopenmp"]}
+# -fno-math-errno lets sqrt vectorise (as torch builds it).
+extra = {"cxx": ["-O3", "-fopenmp", "-fno-math-errno"]}
 Extension = CppExtension
 if want_cuda():
     sources += sorted(glob.glob("csrc/cuda/*.cu"))

@@ -38,4 +38,15 @@ TORCH_LIBRARY(fastprune, m) {
   m.def("woodbury_update(Tensor inverse, Tensor grads, float scale) -> Tensor");
   // Low-rank: grads (nb, N, B) -> W (nb, N, B) with F_b^-1 = (I - W^T W) / damp.
   m.def("lowrank_factor(Tensor grads, float damp) -> Tensor");
+
+  // Masked optimizer steps (see masked_optim.h), in place, one pass per tensor:
+  // torch.optim's single-tensor SGD / Adam(W) update for the kept elements (mask
+  // true, or every element without a mask), param and state set to 0 elsewhere.
+  // first_step: the momentum buffer is initialised from the gradient, as torch does.
+  m.def("masked_sgd_(Tensor(a!) param, Tensor grad, Tensor(b!)? momentum_buffer, Tensor? mask, float lr, "
+        "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, bool first_step) -> ()");
+  // step: the step count after this update (1 on the first); decoupled: AdamW.
+  m.def("masked_adam_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor? mask, "
+        "float lr, float beta1, float beta2, float eps, float weight_decay, int step, bool decoupled, "
+        "bool maximize) -> ()");
 }

@@ -17,7 +17,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
     ) from exc
 
 __all__ = ["kth_smallest", "grad_sq", "per_sample_grads", "grad_blocks_accumulate", "fisher_inverse",
-           "woodbury_update", "lowrank_factor", "has_cuda_kernels"]
+           "woodbury_update", "lowrank_factor", "masked_sgd_", "masked_adam_", "has_cuda_kernels"]
 
 
 @torch.library.register_fake("fastprune::kth_smallest")
@@ -62,6 +62,18 @@ def _lowrank_factor_fake(grads, damp):
     return grads.new_empty(grads.shape, dtype=_acc_dtype(grads))
 
 
+@torch.library.register_fake("fastprune::masked_sgd_")
+def _masked_sgd_fake(param, grad, momentum_buffer, mask, lr, momentum, dampening, weight_decay, nesterov, maximize,
+                     first_step):
+    return None
+
+
+@torch.library.register_fake("fastprune::masked_adam_")
+def _masked_adam_fake(param, grad, exp_avg, exp_avg_sq, mask, lr, beta1, beta2, eps, weight_decay, step, decoupled,
+                      maximize):
+    return None
+
+
 def grad_sq(x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sums over samples of the per-sample gradients G_n and of G_n**2 of a grouped
     linear map with inputs ``x`` (N, G, T, K) and output gradients ``dy`` (N, G, T, O),
@@ -98,6 +110,28 @@ def lowrank_factor(grads: torch.Tensor, damp: float) -> torch.Tensor:
     """W (num_blocks, N, B) with (damp I + G_b^T G_b / N)^-1 = (I - W_b^T W_b) / damp for
     gradients ``grads`` (num_blocks, N, B); exact, never forms a B x B matrix."""
     return torch.ops.fastprune.lowrank_factor(grads, float(damp))
+
+
+def masked_sgd_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: torch.Tensor | None,
+                mask: torch.Tensor | None, *, lr: float, momentum: float = 0.0, dampening: float = 0.0,
+                weight_decay: float = 0.0, nesterov: bool = False, maximize: bool = False,
+                first_step: bool = False) -> None:
+    """One in-place SGD step of torch.optim.SGD's single-tensor rule on the kept
+    elements (``mask`` True, or all without a mask); pruned elements of ``param``
+    and ``momentum_buffer`` become 0. ``first_step`` initialises the buffer from
+    the gradient. All tensors contiguous, of the parameter's shape and dtype."""
+    torch.ops.fastprune.masked_sgd_(param, grad, momentum_buffer, mask, float(lr), float(momentum), float(dampening),
+                                    float(weight_decay), bool(nesterov), bool(maximize), bool(first_step))
+
+
+def masked_adam_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                 mask: torch.Tensor | None, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                 step: int, decoupled: bool, maximize: bool = False) -> None:
+    """One in-place Adam (``decoupled=False``) or AdamW step, as torch.optim's
+    single-tensor rule, on the kept elements; ``step`` is the count after this
+    update (1 first). Pruned elements of param and both moments become 0."""
+    torch.ops.fastprune.masked_adam_(param, grad, exp_avg, exp_avg_sq, mask, float(lr), float(beta1), float(beta2),
+                                     float(eps), float(weight_decay), int(step), bool(decoupled), bool(maximize))
 
 
 def kth_smallest(tensors: list[torch.Tensor], k: int) -> tuple[torch.Tensor, int]:
