@@ -50,6 +50,7 @@ def main(bench_json, memory_md=None, *extra_md):
         ("fisher-blocks", "fastprune", "Fisher blocks, B = 128, all layers", " GFLOP/s |"),
         ("global-threshold", "fastprune", "Global threshold (k-th smallest of 25.5 M scores in 54 tensors)", ""),
         ("fisher-inverse", "fastprune", "Blocked inverse Fisher, d = 65536, diag(F^-1) of every block", ""),
+        ("masked-step", "fastprune", "Masked optimizer step, 10 M parameters at 90 % sparsity", ""),
     ]
     for prefix, baseline, title, unit in sections:
         for group in sorted(g for g in groups if g.startswith(prefix)):

@@ -94,9 +94,12 @@ def _reject(optimizer: torch.optim.Optimizer, flags: tuple[str, ...]) -> None:
                              f"wrapped with fastprune.optim.masked(...) instead")
 
 
-def _fusable(p: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
-    return p.dtype in (torch.float32, torch.float64) and not p.grad.is_sparse and all(
-        t is None or (t.is_contiguous() and t.dtype == p.dtype) for t in (p, p.grad, *tensors))
+def _fusable(p: torch.Tensor, state: list[torch.Tensor | None], mask: torch.Tensor | None) -> bool:
+    """Whether the fused op takes these tensors (float32/float64, dense, contiguous);
+    the mask is already a contiguous bool tensor (see _Masks.lookup)."""
+    return p.dtype in (torch.float32, torch.float64) and not p.grad.is_sparse and \
+        (mask is None or mask.device == p.device) and \
+        all(t is None or (t.is_contiguous() and t.dtype == p.dtype) for t in (p, p.grad, *state))
 
 
 def _float(value) -> float:
@@ -143,7 +146,7 @@ class MaskedSGD(torch.optim.SGD):
                 args = dict(lr=_float(group["lr"]), momentum=momentum, dampening=_float(group["dampening"]),
                             weight_decay=_float(group["weight_decay"]), nesterov=group["nesterov"],
                             maximize=group["maximize"])
-                if _fusable(p, buf if momentum != 0 else None, mask):
+                if _fusable(p, [buf if momentum != 0 else None], mask):
                     _ops.masked_sgd_(p, p.grad, buf if momentum != 0 else None, mask, first_step=first, **args)
                 else:
                     _sgd_unfused(p, state, mask, first, **args)
@@ -198,7 +201,7 @@ class _MaskedAdamStep:
                 args = dict(lr=_float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                             weight_decay=group["weight_decay"], step=int(state["step"].item()),
                             decoupled=group.get("decoupled_weight_decay", False), maximize=group["maximize"])
-                if _fusable(p, state["exp_avg"], state["exp_avg_sq"], mask):
+                if _fusable(p, [state["exp_avg"], state["exp_avg_sq"]], mask):
                     _ops.masked_adam_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], mask, **args)
                 else:
                     _adam_unfused(p, state["exp_avg"], state["exp_avg_sq"], mask, **args)

@@ -20,6 +20,15 @@ def _problem(shape, dtype, sparsity=0.9, seed=0):
     return w * mask, mask, gen
 
 
+@pytest.fixture
+def fused_only(monkeypatch):
+    """Fails the test if the optimizers leave the fused op for the unfused fallback."""
+    def fail(*args, **kwargs):
+        raise AssertionError("the unfused fallback ran")
+    monkeypatch.setattr(fastprune.optim, "_sgd_unfused", fail)
+    monkeypatch.setattr(fastprune.optim, "_adam_unfused", fail)
+
+
 def _run_pair(make_ref, make_ours, shape, dtype, steps=12):
     """Runs torch's optimizer + re-masking and the masked optimizer on the same gradients."""
     w, mask, gen = _problem(shape, dtype)
@@ -42,7 +51,7 @@ SGD_CONFIGS = [dict(lr=0.1), dict(lr=0.05, momentum=0.9), dict(lr=0.05, momentum
 @pytest.mark.parametrize("shape", SIZES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("config", SGD_CONFIGS)
-def test_sgd_bitwise_equal_to_torch(shape, dtype, config):
+def test_sgd_bitwise_equal_to_torch(shape, dtype, config, fused_only):
     ref, ours, mask, opt_ref, opt_ours = _run_pair(
         lambda p: torch.optim.SGD(p, foreach=False, **config), lambda p, masks: MaskedSGD(p, masks=masks, **config),
         shape, dtype)
@@ -63,7 +72,7 @@ ADAM_CONFIGS = [(torch.optim.Adam, MaskedAdam, dict(lr=1e-3)),
 @pytest.mark.parametrize("shape", SIZES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("torch_cls,cls,config", ADAM_CONFIGS)
-def test_adam_bitwise_equal_to_torch(shape, dtype, torch_cls, cls, config):
+def test_adam_bitwise_equal_to_torch(shape, dtype, torch_cls, cls, config, fused_only):
     ref, ours, mask, opt_ref, opt_ours = _run_pair(
         lambda p: torch_cls(p, foreach=False, **config), lambda p, masks: cls(p, masks=masks, **config), shape, dtype)
     assert torch.equal(ours.detach(), ref.detach())
@@ -73,7 +82,7 @@ def test_adam_bitwise_equal_to_torch(shape, dtype, torch_cls, cls, config):
     assert torch.equal(state["step"], state_ref["step"])
 
 
-def test_unmasked_parameters_follow_torch_exactly():
+def test_unmasked_parameters_follow_torch_exactly(fused_only):
     w = torch.randn(1001)
     ref, ours = nn.Parameter(w.clone()), nn.Parameter(w.clone())
     opt_ref, opt_ours = torch.optim.AdamW([ref], foreach=False), MaskedAdamW([ours])
@@ -102,7 +111,7 @@ def _train(model, opt, steps=5, seed=1):
 
 
 @pytest.mark.parametrize("make", [lambda m: MaskedSGD(m, lr=0.1, momentum=0.9), lambda m: MaskedAdamW(m, lr=1e-2)])
-def test_model_masks_found_automatically_and_pruned_weights_stay_zero(make):
+def test_model_masks_found_automatically_and_pruned_weights_stay_zero(make, fused_only):
     model = _pruned_mlp()
     opt = make(model)
     _train(model, opt)
@@ -114,7 +123,7 @@ def test_model_masks_found_automatically_and_pruned_weights_stay_zero(make):
         assert module.weight_orig.detach()[module.weight_mask].abs().sum() > 0
 
 
-def test_masks_from_torch_prune_and_masks_created_after_the_optimizer():
+def test_masks_from_torch_prune_and_masks_created_after_the_optimizer(fused_only):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5))
     opt = MaskedSGD(model.parameters(), lr=0.1, momentum=0.9, masks=model)
@@ -154,6 +163,17 @@ def test_non_contiguous_and_half_parameters_use_the_unfused_path():
     opt_ours = MaskedSGD([ours], lr=0.1, momentum=0.9, masks=[mask])
     for _ in range(3):
         g = torch.randn(6, 9)
+        ref.grad, ours.grad = g.clone(), g.clone()
+        opt_ref.step()
+        with torch.no_grad():
+            ref.mul_(mask)
+        opt_ours.step()
+    assert torch.equal(ref, ours)
+    ref, ours = nn.Parameter(w.clone().t()), nn.Parameter(w.clone().t())
+    opt_ref, opt_ours = torch.optim.Adam([ref], weight_decay=0.1, foreach=False), MaskedAdam([ours], weight_decay=0.1,
+                                                                                              masks=[mask])
+    for _ in range(3):
+        g = torch.randn(6, 9) * mask
         ref.grad, ours.grad = g.clone(), g.clone()
         opt_ref.step()
         with torch.no_grad():
