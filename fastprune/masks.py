@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-__all__ = ["apply_masks", "get_mask", "remove_masks", "load_pruned_state_dict", "split_param_name"]
+__all__ = ["apply_masks", "get_mask", "remove_masks", "load_pruned_state_dict", "split_param_name",
+           "refresh_masked"]
 
 
 class FastpruneMask(torch_prune.BasePruningMethod):
@@ -44,6 +45,12 @@ def get_mask(module: nn.Module, name: str) -> torch.Tensor | None:
     return getattr(module, name + "_mask", None) if hasattr(module, name + "_orig") else None
 
 
+def refresh_masked(module: nn.Module, name: str) -> None:
+    """Recomputes ``module.<name> = <name>_orig * <name>_mask`` now, as torch's pruning
+    hook does before each forward (the attribute is stale after in-place changes)."""
+    setattr(module, name, getattr(module, name + "_orig") * getattr(module, name + "_mask"))
+
+
 def _apply_one(module: nn.Module, name: str, mask: torch.Tensor) -> None:
     existing = get_mask(module, name)
     if existing is not None:
@@ -59,7 +66,7 @@ def _apply_one(module: nn.Module, name: str, mask: torch.Tensor) -> None:
         module.register_parameter(name + "_orig", orig)
         module.register_buffer(name + "_mask", mask.to(device=orig.device, dtype=torch.bool).clone())
         module.register_forward_pre_hook(hook)
-    setattr(module, name, getattr(module, name + "_orig") * getattr(module, name + "_mask"))
+    refresh_masked(module, name)
 
 
 def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Module:
@@ -103,4 +110,8 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
     masks = {k[: -len("_mask")]: v for k, v in state_dict.items()
              if k.endswith("_mask") and k[: -len("_mask")] + "_orig" in state_dict}
     apply_masks(model, masks)
-    return model.load_state_dict(state_dict, strict=strict)
+    result = model.load_state_dict(state_dict, strict=strict)
+    with torch.no_grad():  # the masked weights torch's hook keeps, until the next forward
+        for name in masks:
+            refresh_masked(*split_param_name(model, name))
+    return result

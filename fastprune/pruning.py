@@ -9,7 +9,7 @@ from torch.nn.utils import prune as torch_prune
 from tqdm.auto import tqdm
 
 from .criteria.base import Criterion
-from .masks import apply_masks
+from .masks import apply_masks, refresh_masked
 from .select import keep_counts, threshold_masks
 from .targets import Target, find_targets
 
@@ -24,7 +24,7 @@ def geometric_schedule(sparsity: float, steps: int) -> list[float]:
 
 def _refresh_weight(t: Target) -> None:
     """Recomputes the masked weight now, as torch's pruning hook does before each forward."""
-    setattr(t.module, t.tensor_name, t.param * t.mask)
+    refresh_masked(t.module, t.tensor_name)
 
 
 class _Snapshot:
@@ -108,7 +108,7 @@ def _check_capacity(targets: list[Target], keep: list[int], sparsity: float, per
 
 
 def prune(model: nn.Module, criterion: Criterion, sparsity: float, *, data: Iterable | None = None,
-          loss_fn=None, scope: str = "global", steps: int = 1,
+          loss_fn=None, scope: str = "global", steps: int | None = None,
           modules: Iterable[str | type] | str | type | None = None, min_keep: int | float = 1,
           progress: bool = True) -> dict[str, torch.Tensor]:
     """Prunes ``model`` in place to ``sparsity`` using ``criterion``'s scores.
@@ -125,7 +125,8 @@ def prune(model: nn.Module, criterion: Criterion, sparsity: float, *, data: Iter
             tensor pruned to ``sparsity``). Criteria that fix per-tensor sparsities
             (``Random(distribution="erk")``) override it.
         steps: reach ``sparsity`` in ``steps`` steps of the geometric schedule
-            1 - (1 - s)^(k/steps), re-scoring the pruned model before each step.
+            1 - (1 - s)^(k/steps), re-scoring the pruned model before each step;
+            default ``criterion.default_steps`` (1, or 100 for SynFlow).
         modules: module names and/or types to prune; default every Linear,
             Conv1d, Conv2d and Conv3d weight.
         min_keep: weights every tensor keeps (a count, or a fraction in (0, 1) of
@@ -146,6 +147,8 @@ def prune(model: nn.Module, criterion: Criterion, sparsity: float, *, data: Iter
         raise TypeError(f"criterion must be a fastprune.criteria.Criterion, got {type(criterion).__name__}")
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be a fraction in [0, 1), got {sparsity!r} (0.9 prunes 90% of the weights)")
+    if steps is None:
+        steps = criterion.default_steps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if scope not in ("global", "layer"):

@@ -25,8 +25,11 @@ class Target:
 
     @property
     def weight(self) -> torch.Tensor:
-        """The effective (masked) weight as the forward pass sees it."""
-        return getattr(self.module, self.tensor_name)
+        """The effective (masked) weight, ``orig * mask`` for a pruned tensor. Computed
+        afresh: the module attribute torch's hook sets is only refreshed by a forward,
+        so it is stale after e.g. ``load_state_dict``."""
+        mask = self.mask
+        return self.param if mask is None else self.param * mask
 
     @property
     def param(self) -> nn.Parameter:
@@ -40,7 +43,7 @@ class Target:
 
     @property
     def numel(self) -> int:
-        return self.weight.numel()
+        return self.param.numel()
 
 
 def _has_weight(module: nn.Module) -> bool:

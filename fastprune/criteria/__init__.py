@@ -1,5 +1,6 @@
 """Pruning criteria. Each is a :class:`Criterion`: ``scores(...)`` returns a dict of
 per-weight scores (lower = pruned first) keyed like ``model.named_parameters()``."""
+from .at_init import SNIP, GraSP, SynFlow
 from .base import Criterion
 from .loss_model import OBD, QM, LossModel, Taylor
 from .magnitude import Magnitude
@@ -7,4 +8,4 @@ from .random import Random, erk_densities
 from .woodfisher import WoodFisher, WoodTaylor
 
 __all__ = ["Criterion", "Magnitude", "Random", "erk_densities", "LossModel", "Taylor", "QM", "OBD",
-           "WoodFisher", "WoodTaylor"]
+           "WoodFisher", "WoodTaylor", "SNIP", "GraSP", "SynFlow"]

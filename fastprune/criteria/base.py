@@ -17,6 +17,8 @@ class Criterion:
 
     #: Whether :meth:`scores` needs ``data`` (and ``loss_fn``).
     requires_data: bool = False
+    #: Steps ``fastprune.prune`` takes when its ``steps`` is not given (SynFlow: 100).
+    default_steps: int = 1
 
     def scores(self, model: nn.Module, params: dict[str, torch.Tensor], data=None, loss_fn=None
                ) -> dict[str, torch.Tensor]:
