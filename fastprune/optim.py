@@ -106,7 +106,30 @@ def _float(value) -> float:
     return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
 
 
-class MaskedSGD(torch.optim.SGD):
+class _MaskedStep:
+    """The step loop shared by the masked optimizers; subclasses define ``_update``."""
+
+    _unsupported: tuple[str, ...] = ("differentiable",)
+
+    def _setup(self, masks) -> None:
+        _reject(self, self._unsupported)
+        self._masks = _Masks(_all_params(self), masks)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        masks = self._masks.lookup()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, group, self.state[p], masks.get(id(p)))
+        return loss
+
+
+class MaskedSGD(_MaskedStep, torch.optim.SGD):
     """:class:`torch.optim.SGD` (momentum, dampening, Nesterov, weight decay,
     maximize) whose step keeps pruned weights and momentum buffers at zero.
 
@@ -121,36 +144,21 @@ class MaskedSGD(torch.optim.SGD):
 
     def __init__(self, params, *args, masks=None, **kwargs):
         params, masks = _split_params(params, masks)
-        super().__init__(params, *args, **kwargs)
-        _reject(self, ("differentiable",))
-        self._masks = _Masks(_all_params(self), masks)
+        torch.optim.SGD.__init__(self, params, *args, **kwargs)
+        self._setup(masks)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        masks = self._masks.lookup()
-        for group in self.param_groups:
-            momentum = _float(group["momentum"])
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                buf = state.get("momentum_buffer")
-                first = buf is None
-                if momentum != 0 and first:
-                    buf = state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.contiguous_format)
-                mask = masks.get(id(p))
-                args = dict(lr=_float(group["lr"]), momentum=momentum, dampening=_float(group["dampening"]),
-                            weight_decay=_float(group["weight_decay"]), nesterov=group["nesterov"],
-                            maximize=group["maximize"])
-                if _fusable(p, [buf if momentum != 0 else None], mask):
-                    _ops.masked_sgd_(p, p.grad, buf if momentum != 0 else None, mask, first_step=first, **args)
-                else:
-                    _sgd_unfused(p, state, mask, first, **args)
-        return loss
+    def _update(self, p, group, state, mask):
+        momentum = _float(group["momentum"])
+        buf = state.get("momentum_buffer")
+        first = buf is None
+        if momentum != 0 and first:
+            buf = state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.contiguous_format)
+        args = dict(lr=_float(group["lr"]), momentum=momentum, dampening=_float(group["dampening"]),
+                    weight_decay=_float(group["weight_decay"]), nesterov=group["nesterov"], maximize=group["maximize"])
+        if _fusable(p, [buf if momentum != 0 else None], mask):
+            _ops.masked_sgd_(p, p.grad, buf if momentum != 0 else None, mask, first_step=first, **args)
+        else:
+            _sgd_unfused(p, state, mask, first, **args)
 
 
 def _sgd_unfused(p, state, mask, first, *, lr, momentum, dampening, weight_decay, nesterov, maximize):
@@ -172,40 +180,25 @@ def _sgd_unfused(p, state, mask, first, *, lr, momentum, dampening, weight_decay
         p.mul_(mask)
 
 
-class _MaskedAdamStep:
-    """The step shared by :class:`MaskedAdam` and :class:`MaskedAdamW`."""
+class _MaskedAdamStep(_MaskedStep):
+    """The update shared by :class:`MaskedAdam` and :class:`MaskedAdamW`."""
 
-    def _setup(self, masks) -> None:
-        _reject(self, ("amsgrad", "capturable", "differentiable"))
-        self._masks = _Masks(_all_params(self), masks)
+    _unsupported = ("amsgrad", "capturable", "differentiable")
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        masks = self._masks.lookup()
-        for group in self.param_groups:
-            beta1, beta2 = (_float(b) for b in group["betas"])
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:  # the same state torch creates, so state_dicts interchange
-                    state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                mask = masks.get(id(p))
-                args = dict(lr=_float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
-                            weight_decay=group["weight_decay"], step=int(state["step"].item()),
-                            decoupled=group.get("decoupled_weight_decay", False), maximize=group["maximize"])
-                if _fusable(p, [state["exp_avg"], state["exp_avg_sq"]], mask):
-                    _ops.masked_adam_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], mask, **args)
-                else:
-                    _adam_unfused(p, state["exp_avg"], state["exp_avg_sq"], mask, **args)
-        return loss
+    def _update(self, p, group, state, mask):
+        if not state:  # the same state torch creates, so state_dicts interchange
+            state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] += 1
+        beta1, beta2 = (_float(b) for b in group["betas"])
+        args = dict(lr=_float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                    weight_decay=group["weight_decay"], step=int(state["step"].item()),
+                    decoupled=group.get("decoupled_weight_decay", False), maximize=group["maximize"])
+        if _fusable(p, [state["exp_avg"], state["exp_avg_sq"]], mask):
+            _ops.masked_adam_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], mask, **args)
+        else:
+            _adam_unfused(p, state["exp_avg"], state["exp_avg_sq"], mask, **args)
 
 
 def _adam_unfused(p, exp_avg, exp_avg_sq, mask, *, lr, beta1, beta2, eps, weight_decay, step, decoupled, maximize):

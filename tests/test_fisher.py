@@ -73,6 +73,14 @@ def test_conv2d_grid(cfg):
     assert_stats(model, torch.randn(7, 6, 9, 8, dtype=torch.float64), torch.randint(0, 3, (7,)))
 
 
+def test_conv_sums_over_several_sample_tiles(monkeypatch):
+    # A budget of about two samples' unfolded input: the sums run over tiles of 2 and a ragged last one.
+    monkeypatch.setattr(fastprune.layers, "_SUM_TILE_BYTES", 2 * 6 * 3 * 2 * 7 * 7 * 4)
+    conv = nn.Conv2d(6, 4, (3, 2), bias=True)
+    model = conv_model(conv, (6, 9, 8))
+    assert_stats(model, torch.randn(7, 6, 9, 8, dtype=torch.float64), torch.randint(0, 3, (7,)), batch=7)
+
+
 @pytest.mark.parametrize("cfg", [dict(), dict(stride=2, padding=1, dilation=2), dict(groups=5, padding="same"),
                                  dict(padding=2, padding_mode="replicate", bias=False)])
 def test_conv1d(cfg):

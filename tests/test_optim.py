@@ -155,23 +155,15 @@ def test_state_dict_loads_into_torch_optimizer_and_back(make_ours, make_torch):
         assert torch.equal(a, b)
 
 
-def test_non_contiguous_and_half_parameters_use_the_unfused_path():
-    w = torch.randn(9, 6)
-    mask = torch.rand(6, 9) > 0.5
+@pytest.mark.parametrize("make_ref,make_ours", [
+    (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, foreach=False),
+     lambda p, masks: MaskedSGD(p, lr=0.1, momentum=0.9, masks=masks)),
+    (lambda p: torch.optim.Adam(p, weight_decay=0.1, foreach=False),
+     lambda p, masks: MaskedAdam(p, weight_decay=0.1, masks=masks))])
+def test_non_contiguous_parameters_use_the_unfused_path(make_ref, make_ours):
+    w, mask = torch.randn(9, 6), torch.rand(6, 9) > 0.5
     ref, ours = nn.Parameter(w.clone().t()), nn.Parameter(w.clone().t())  # transposed: not contiguous
-    opt_ref = torch.optim.SGD([ref], lr=0.1, momentum=0.9, foreach=False)
-    opt_ours = MaskedSGD([ours], lr=0.1, momentum=0.9, masks=[mask])
-    for _ in range(3):
-        g = torch.randn(6, 9)
-        ref.grad, ours.grad = g.clone(), g.clone()
-        opt_ref.step()
-        with torch.no_grad():
-            ref.mul_(mask)
-        opt_ours.step()
-    assert torch.equal(ref, ours)
-    ref, ours = nn.Parameter(w.clone().t()), nn.Parameter(w.clone().t())
-    opt_ref, opt_ours = torch.optim.Adam([ref], weight_decay=0.1, foreach=False), MaskedAdam([ours], weight_decay=0.1,
-                                                                                              masks=[mask])
+    opt_ref, opt_ours = make_ref([ref]), make_ours([ours], [mask])
     for _ in range(3):
         g = torch.randn(6, 9) * mask
         ref.grad, ours.grad = g.clone(), g.clone()
@@ -180,6 +172,9 @@ def test_non_contiguous_and_half_parameters_use_the_unfused_path():
             ref.mul_(mask)
         opt_ours.step()
     assert torch.equal(ref, ours)
+
+
+def test_half_parameters_use_the_unfused_path():
     half = nn.Parameter(torch.randn(10).half())
     half.grad = torch.randn(10).half()
     MaskedAdam([half], masks=[torch.arange(10) % 2 == 0]).step()
