@@ -54,10 +54,10 @@ def _check_scores(criterion: Criterion, scores, targets: list[Target]) -> list[t
     out = []
     for t in targets:
         s = scores[t.name]
-        if not isinstance(s, torch.Tensor) or s.shape != t.weight.shape:
+        if not isinstance(s, torch.Tensor) or s.shape != t.shape:
             shape = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
             raise ValueError(f"{criterion!r} returned scores of shape {shape} for {t.name!r}, "
-                             f"expected {tuple(t.weight.shape)}")
+                             f"expected {tuple(t.shape)}")
         if not s.is_floating_point():
             s = s.float()
         if not bool(torch.isfinite(s).all()):
@@ -74,9 +74,9 @@ def _check_scores(criterion: Criterion, scores, targets: list[Target]) -> list[t
 def _check_weights(criterion: Criterion, weights, targets: list[Target]) -> None:
     for t in targets:
         w = weights.get(t.name) if isinstance(weights, dict) else None
-        if w is not None and (w.shape != t.weight.shape or not bool(torch.isfinite(w).all())):
+        if w is not None and (w.shape != t.shape or not bool(torch.isfinite(w).all())):
             raise ValueError(f"{criterion!r} compensated {t.name!r} with a tensor of shape {tuple(w.shape)} "
-                             f"or non-finite values; expected finite values of shape {tuple(t.weight.shape)}. "
+                             f"or non-finite values; expected finite values of shape {tuple(t.shape)}. "
                              "For OBS criteria this means the Fisher is ill-conditioned: increase damp")
 
 

@@ -42,6 +42,10 @@ class Target:
         return get_mask(self.module, self.tensor_name)
 
     @property
+    def shape(self) -> torch.Size:
+        return self.param.shape
+
+    @property
     def numel(self) -> int:
         return self.param.numel()
 

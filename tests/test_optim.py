@@ -208,6 +208,15 @@ def test_errors_name_the_problem():
         _ops.masked_sgd_(torch.zeros(3), torch.zeros(3), None, torch.ones(3), lr=0.1)
     with pytest.raises(RuntimeError, match="needs a momentum_buffer"):
         _ops.masked_sgd_(torch.zeros(3), torch.zeros(3), None, None, lr=0.1, momentum=0.9)
+    with pytest.raises(RuntimeError, match="grad must be contiguous"):
+        _ops.masked_sgd_(torch.zeros(3, 4), torch.zeros(4, 3).t(), None, None, lr=0.1)
+    with pytest.raises(RuntimeError, match="mask must be a contiguous bool tensor of the parameter's shape"):
+        _ops.masked_sgd_(torch.zeros(3), torch.zeros(3), None, torch.ones(4, dtype=torch.bool), lr=0.1)
+    with pytest.raises(RuntimeError, match="step counts from 1"):
+        _ops.masked_adam_(torch.zeros(3), torch.zeros(3), torch.zeros(3), torch.zeros(3), None, lr=1e-3, beta1=0.9,
+                          beta2=0.999, eps=1e-8, weight_decay=0.0, step=0, decoupled=True)
+    with pytest.raises(ValueError, match="differentiable"):
+        MaskedSGD([p], lr=0.1, differentiable=True)
     with pytest.raises(RuntimeError, match="grad must match"):
         _ops.masked_adam_(torch.zeros(3), torch.zeros(4), torch.zeros(3), torch.zeros(3), None, lr=1e-3, beta1=0.9,
                           beta2=0.999, eps=1e-8, weight_decay=0.0, step=1, decoupled=True)

@@ -88,6 +88,20 @@ def test_schedule_errors():
     assert sched.step_count == 0 and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     with pytest.raises(ValueError, match="needs data"):
         GraNet(0.0, 0.5, 0, 5, 1).step(model)
+    with pytest.raises(ValueError, match="regrow_fraction"):
+        GraNet(0.0, 0.5, 0, 5, 1, regrow_fraction=1.5)
+    with pytest.raises(ValueError, match="frequency and degree"):
+        Gradual(Magnitude(), 0.0, 0.5, 0, 5, 0)
+    with pytest.raises(TypeError, match="Criterion"):
+        Gradual("magnitude", 0.0, 0.5, 0, 5, 1)
+    with pytest.raises(ValueError, match="rounds >= 1"):
+        LotteryTicket(rounds=0)
+    with pytest.raises(ValueError, match="num_batches"):
+        SNIP(num_batches=0)
+    with pytest.raises(ValueError, match="temperature > 0"):
+        GraSP(temperature=0)
+    with pytest.raises(ValueError, match="no batches"):
+        SNIP().scores(model, _params(model), data=[])
 
 
 def test_granet_keeps_sparsity_exact_and_regrows_at_zero():
@@ -178,6 +192,11 @@ def test_synflow_scores_and_model_left_unchanged():
     for k in _params(model):
         torch.testing.assert_close(got[k].double(), (g[k] * abs_params[k]).abs(), rtol=1e-6, atol=0)
     assert all(torch.equal(before[k], v) and before[k].dtype == v.dtype for k, v in model.state_dict().items())
+    pruned = _mlp()
+    fastprune.prune(pruned, Magnitude(), 0.5, progress=False)
+    SynFlow(input_shape=(12,)).scores(pruned, {"0.weight": pruned[0].weight.detach()})
+    assert pruned[0].weight.dtype == torch.float32  # the masked weight torch's hook keeps is restored too
+    torch.testing.assert_close(pruned[0].weight, pruned[0].weight_orig * pruned[0].weight_mask)
     with pytest.raises(ValueError, match="input_shape"):
         SynFlow().scores(model, _params(model))
     assert SynFlow.default_steps == 100 and math.isclose(

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..capture import iterate_batches
 from ..losses import per_sample_loss, resolve_loss
-from ..masks import split_param_name
+from ..masks import refresh_masked, split_param_name
 from .base import Criterion
 
 __all__ = ["SNIP", "GraSP", "SynFlow"]
@@ -138,3 +138,7 @@ class SynFlow(Criterion):
                 t.data = t.data.to(dtype)
             model.load_state_dict(state)
             model.train(training)
+            for module in model.modules():  # the hooks' masked weights are still the |w| float64 ones
+                for name in [k[: -len("_orig")] for k in module._parameters if k.endswith("_orig")]:
+                    if hasattr(module, name + "_mask"):
+                        refresh_masked(module, name)
