@@ -8,6 +8,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include "buffer_cache.h"
+
 namespace fastprune {
 
 // Float32 accumulation for half and bfloat16; float64 stays float64.
@@ -42,11 +44,15 @@ inline void per_sample_into(const at::Tensor& x, const at::Tensor& dy, int64_t n
 // Per-sample gradients of samples [s0, s1) as an (S, G*O*K) contiguous tensor.
 inline at::Tensor per_sample_tile(const at::Tensor& x, const at::Tensor& dy, int64_t s0, int64_t s1) {
   const auto xs = x.slice(0, s0, s1), dys = dy.slice(0, s0, s1);
+  at::Tensor tile = empty_cached({s1 - s0, x.size(1), dy.size(3), x.size(3)}, x.options());
   if (x.size(2) == 1) {  // outer products
-    return (dys.select(2, 0).unsqueeze(-1) * xs.select(2, 0).unsqueeze(-2)).reshape({s1 - s0, -1});
+    at::mul_out(tile, dys.select(2, 0).unsqueeze(-1), xs.select(2, 0).unsqueeze(-2));
+    return tile.view({s1 - s0, -1});
   }
-  if (!prefer_gemm_loop(x, dy)) return at::matmul(dys.transpose(-1, -2), xs).reshape({s1 - s0, -1}).contiguous();
-  at::Tensor tile = at::empty({s1 - s0, x.size(1), dy.size(3), x.size(3)}, x.options());
+  if (!prefer_gemm_loop(x, dy)) {
+    at::matmul_out(tile, dys.transpose(-1, -2), xs);
+    return tile.view({s1 - s0, -1});
+  }
   for (int64_t n = s0; n < s1; ++n) {
     auto t = tile.select(0, n - s0);
     per_sample_into(x, dy, n, t);
@@ -66,18 +72,26 @@ std::tuple<at::Tensor, at::Tensor> grad_sq_impl(const at::Tensor& x_in, const at
     // Rank-1 per-sample gradients: sum_n (dy_n x_n^T)^2 = (dy^2)^T x^2, two GEMMs.
     // Square before permuting: elementwise ops on the (N, G, .) layout stay contiguous.
     const auto x1 = x.select(2, 0), dy1 = dy.select(2, 0);
-    const auto x2 = x1 * x1, dy2 = dy1 * dy1;  // mul is about 2x faster than square() on CPU
+    // Every buffer comes from the host cache (see buffer_cache.h); mul is about 2x
+    // faster than square() on CPU.
+    at::Tensor x2 = empty_cached(x1.sizes(), x.options()), dy2 = empty_cached(dy1.sizes(), x.options());
+    at::mul_out(x2, x1, x1);
+    at::mul_out(dy2, dy1, dy1);
+    at::Tensor grad = empty_cached({G, O, K}, x.options()), sq = empty_cached({G, O, K}, x.options());
     if (G == 1) {
-      return {at::mm(dy1.select(1, 0).t(), x1.select(1, 0)).unsqueeze(0),
-              at::mm(dy2.select(1, 0).t(), x2.select(1, 0)).unsqueeze(0)};
+      at::Tensor g0 = grad.select(0, 0), q0 = sq.select(0, 0);
+      at::mm_out(g0, dy1.select(1, 0).t(), x1.select(1, 0));
+      at::mm_out(q0, dy2.select(1, 0).t(), x2.select(1, 0));
+    } else {
+      at::bmm_out(grad, dy1.permute({1, 2, 0}), x1.permute({1, 0, 2}));
+      at::bmm_out(sq, dy2.permute({1, 2, 0}), x2.permute({1, 0, 2}));
     }
-    return {at::bmm(dy1.permute({1, 2, 0}), x1.permute({1, 0, 2})),
-            at::bmm(dy2.permute({1, 2, 0}), x2.permute({1, 0, 2}))};
+    return {grad, sq};
   }
-  at::Tensor grad = at::zeros({G, O, K}, x.options()), sq = at::zeros({G, O, K}, x.options());
+  at::Tensor grad = empty_cached({G, O, K}, x.options()).zero_(), sq = empty_cached({G, O, K}, x.options()).zero_();
   if (prefer_gemm_loop(x, dy)) {
     // One sample at a time: its gradient stays cache-resident between GEMM and reduction.
-    at::Tensor buf = at::empty({G, O, K}, x.options());
+    at::Tensor buf = empty_cached({G, O, K}, x.options());
     const at::Tensor row = buf.view({1, -1});
     for (int64_t n = 0; n < N; ++n) {
       per_sample_into(x, dy, n, buf);
@@ -89,6 +103,20 @@ std::tuple<at::Tensor, at::Tensor> grad_sq_impl(const at::Tensor& x_in, const at
   for (int64_t s0 = 0; s0 < N; s0 += step) {
     reduce(per_sample_tile(x, dy, s0, std::min(N, s0 + step)), grad, sq);
   }
+  return {grad, sq};
+}
+
+// (sum_n t_n, sum_n t_n^2) over the first dim of t (N, *shape), each of shape
+// `shape` in the accumulation type, by the same one-pass column reduction.
+template <typename Reduce>
+std::tuple<at::Tensor, at::Tensor> sum_sq_impl(const at::Tensor& t, Reduce reduce) {
+  TORCH_CHECK(t.dim() >= 1 && t.is_floating_point(), "sum_sq: expected a floating-point tensor (N, ...), got ",
+              t.scalar_type(), " of shape ", t.sizes());
+  const auto acc = acc_type(t.scalar_type());
+  const at::Tensor flat = t.to(acc).contiguous().view({t.size(0), c10::multiply_integers(t.sizes().slice(1))});
+  at::Tensor grad = empty_cached(t.sizes().slice(1), flat.options()).zero_();
+  at::Tensor sq = empty_cached(t.sizes().slice(1), flat.options()).zero_();
+  if (flat.numel() > 0) reduce(flat, grad, sq);
   return {grad, sq};
 }
 

@@ -24,6 +24,9 @@ TORCH_LIBRARY(fastprune, m) {
   // G_n = sum_t dy[n,:,t]^T x[n,:,t] of shape (G, O, K).
   // Sums over samples of G_n and of G_n^2 (elementwise), each (G, O, K).
   m.def("grad_sq(Tensor x, Tensor dy) -> (Tensor, Tensor)");
+  // Sums over the first dim of per-sample values t (N, *shape): (sum_n t_n, sum_n t_n^2),
+  // each of `shape`, in one pass (biases and the other closed-form parameters).
+  m.def("sum_sq(Tensor per_sample) -> (Tensor, Tensor)");
   // All G_n as an (N, G*O*K) tensor (the low-rank WoodFisher path).
   m.def("per_sample_grads(Tensor x, Tensor dy) -> Tensor");
   // blocks[b] += sum_n G_n[b] G_n[b]^T over blocks of B consecutive weights of the
@@ -49,4 +52,8 @@ TORCH_LIBRARY(fastprune, m) {
   m.def("masked_adam_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor? mask, "
         "float lr, float beta1, float beta2, float eps, float weight_decay, int step, bool decoupled, "
         "bool maximize) -> ()");
+
+  // Frees the host buffers the statistics ops keep for reuse (see buffer_cache.h);
+  // returns the bytes released.
+  m.def("empty_cache() -> int");
 }

@@ -16,7 +16,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
         "`pip install --no-build-isolation -e .` (torch must be installed first)."
     ) from exc
 
-__all__ = ["kth_smallest", "grad_sq", "per_sample_grads", "grad_blocks_accumulate", "fisher_inverse",
+__all__ = ["kth_smallest", "grad_sq", "sum_sq", "empty_cache", "per_sample_grads", "grad_blocks_accumulate", "fisher_inverse",
            "woodbury_update", "lowrank_factor", "masked_sgd_", "masked_adam_", "has_cuda_kernels"]
 
 
@@ -35,6 +35,12 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
 def _grad_sq_fake(x, dy):
     shape = (x.shape[1], dy.shape[3], x.shape[3])
     return x.new_empty(shape, dtype=_acc_dtype(x)), x.new_empty(shape, dtype=_acc_dtype(x))
+
+
+@torch.library.register_fake("fastprune::sum_sq")
+def _sum_sq_fake(per_sample):
+    shape = per_sample.shape[1:]
+    return per_sample.new_empty(shape, dtype=_acc_dtype(per_sample)), per_sample.new_empty(shape, dtype=_acc_dtype(per_sample))
 
 
 @torch.library.register_fake("fastprune::per_sample_grads")
@@ -80,6 +86,24 @@ def grad_sq(x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     where G_n = sum_t dy[n, :, t]^T x[n, :, t]. Each result is (G, O, K), float32 for
     16-bit inputs. Per-sample gradients are only formed a tile at a time."""
     return torch.ops.fastprune.grad_sq(x, dy)
+
+
+def sum_sq(per_sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(per_sample.sum(0), per_sample.square().sum(0))`` in one pass, float32 for
+    16-bit inputs (the statistics of parameters with closed-form per-sample gradients)."""
+    return torch.ops.fastprune.sum_sq(per_sample)
+
+
+def empty_cache() -> int:
+    """Frees the host buffers fastprune's statistics ops keep for reuse and returns
+    the bytes released.
+
+    On CPU, the ops take their outputs and temporaries from a cache (at most
+    ``FASTPRUNE_CPU_CACHE_MB`` MiB, default 256) to which freed results return:
+    repeated calls then reuse warm memory instead of page-faulting fresh memory from
+    the OS. Call this to hand that memory back, e.g. after pruning a large model.
+    """
+    return int(torch.ops.fastprune.empty_cache())
 
 
 def per_sample_grads(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import _ops
 from .capture import check_batchnorm, iterate_batches, plan_stats, run_passes
 from .losses import FISHER_KINDS, fisher_passes, resolve_loss
 
@@ -127,8 +128,7 @@ def _pass_sums(plan, calls, fallback):
             for local, (g, q) in adapter.sums(calls[name], names).items():
                 yield (f"{name}.{local}" if name else local), (g, q)
     for key, ps in fallback.items():
-        acc = ps.to(torch.float64 if ps.dtype == torch.float64 else torch.float32)
-        yield key, (acc.sum(0), acc.square().sum(0))
+        yield key, _ops.sum_sq(ps)
 
 
 def _finish(total, count, plan, key):

@@ -75,8 +75,7 @@ class LayerAdapter:
             out["weight"] = (grad.reshape(shape), sq.reshape(shape))
         for name, ps in self.per_sample(calls).items():
             if name in names:
-                acc = ps.to(torch.float64 if ps.dtype == torch.float64 else torch.float32)
-                out[name] = (acc.sum(0), acc.square().sum(0))
+                out[name] = _ops.sum_sq(ps)
         return out
 
 

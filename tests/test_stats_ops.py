@@ -62,6 +62,50 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.fastprune.grad_sq.default, (x, dy))
     torch.library.opcheck(torch.ops.fastprune.per_sample_grads.default, (x, dy))
     torch.library.opcheck(torch.ops.fastprune.grad_blocks_accumulate.default, (x, dy, torch.zeros(3, 8, 8)))
+    torch.library.opcheck(torch.ops.fastprune.sum_sq.default, (torch.randn(5, 3, 2),))
+
+
+@pytest.mark.parametrize("shape", [(7,), (1, 5), (300, 257), (4, 3, 2, 5), (0, 6)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sum_sq(shape, dtype):
+    t = torch.randn(shape[::-1], dtype=dtype).permute(*reversed(range(len(shape))))  # non-contiguous
+    g, q = _ops.sum_sq(t)
+    assert g.shape == q.shape == t.shape[1:] and g.dtype == dtype
+    tol = 1e-12 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(g.double(), t.double().sum(0), rtol=tol, atol=tol)
+    torch.testing.assert_close(q.double(), t.double().square().sum(0), rtol=tol, atol=tol)
+
+
+def test_sum_sq_half_and_errors():
+    t = torch.randn(9, 4).half()
+    g, q = _ops.sum_sq(t)
+    assert g.dtype == torch.float32
+    torch.testing.assert_close(q, t.float().square().sum(0))
+    with pytest.raises(RuntimeError, match="floating-point"):
+        _ops.sum_sq(torch.ones(3, 2, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="floating-point"):
+        _ops.sum_sq(torch.tensor(1.0))
+
+
+def test_cached_buffers_are_never_shared_while_alive():
+    # Outputs of >= 64 KiB come from the host cache: a live result must never be
+    # handed out again, a freed one is, and empty_cache releases it.
+    _ops.empty_cache()
+    x, dy = torch.randn(64, 1, 1, 300), torch.randn(64, 1, 1, 200)
+    first = _ops.grad_sq(x, dy)
+    kept = [t.clone() for t in first]
+    second = _ops.grad_sq(2 * x, dy)
+    ptrs = {t.data_ptr() for t in first}
+    assert ptrs.isdisjoint(t.data_ptr() for t in second)
+    del second
+    third = _ops.grad_sq(3 * x, dy)
+    for a, b in zip(first, kept):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(third[0], 3 * kept[0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(third[1], 9 * kept[1], rtol=1e-5, atol=1e-4)
+    del first, third
+    assert _ops.empty_cache() >= 2 * 300 * 200 * 4
+    assert _ops.empty_cache() == 0
 
 
 def test_blocks_dtype_must_match_accumulation():

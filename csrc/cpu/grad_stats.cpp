@@ -37,6 +37,8 @@ std::tuple<at::Tensor, at::Tensor> grad_sq_cpu(const at::Tensor& x, const at::Te
   return grad_sq_impl(x, dy, reduce_tile_cpu);
 }
 
+std::tuple<at::Tensor, at::Tensor> sum_sq_cpu(const at::Tensor& t) { return sum_sq_impl(t, reduce_tile_cpu); }
+
 at::Tensor per_sample_grads(const at::Tensor& x, const at::Tensor& dy) {
   check_stats_inputs(x, dy, "per_sample_grads");
   const auto acc = acc_type(x.scalar_type());
@@ -69,7 +71,10 @@ void grad_blocks_accumulate(const at::Tensor& x_in, const at::Tensor& dy_in, at:
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastprune, CPU, m) { m.impl("grad_sq", &grad_sq_cpu); }
+TORCH_LIBRARY_IMPL(fastprune, CPU, m) {
+  m.impl("grad_sq", &grad_sq_cpu);
+  m.impl("sum_sq", &sum_sq_cpu);
+}
 
 // Built from tiles and batched GEMMs only, so one definition serves every device.
 TORCH_LIBRARY_IMPL(fastprune, CompositeExplicitAutograd, m) {

@@ -30,6 +30,7 @@ __global__ void reduce_tile_kernel(const scalar_t* __restrict__ tile, int64_t S,
 
 void reduce_tile_cuda(const at::Tensor& tile, at::Tensor& grad, at::Tensor& sq) {
   const int64_t S = tile.size(0), P = tile.size(1);
+  if (P == 0) return;
   constexpr int threads = 256;
   const int64_t blocks = std::min<int64_t>((P + threads - 1) / threads, 65535);
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -45,8 +46,16 @@ std::tuple<at::Tensor, at::Tensor> grad_sq_cuda(const at::Tensor& x, const at::T
   return grad_sq_impl(x, dy, reduce_tile_cuda);
 }
 
+std::tuple<at::Tensor, at::Tensor> sum_sq_cuda(const at::Tensor& t) {
+  const c10::cuda::CUDAGuard guard(t.device());
+  return sum_sq_impl(t, reduce_tile_cuda);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastprune, CUDA, m) { m.impl("grad_sq", &grad_sq_cuda); }
+TORCH_LIBRARY_IMPL(fastprune, CUDA, m) {
+  m.impl("grad_sq", &grad_sq_cuda);
+  m.impl("sum_sq", &sum_sq_cuda);
+}
 
 }  // namespace fastprune
