@@ -53,6 +53,12 @@ TORCH_LIBRARY(fastprune, m) {
         "float lr, float beta1, float beta2, float eps, float weight_decay, int step, bool decoupled, "
         "bool maximize) -> ()");
 
+  // Sparse weight W (O, K), row-compressed (see sparse_mm.h), times dense x (B, K, M):
+  // W x[b] + bias for every b, as (B, O, M).
+  m.def("sparse_mm(Tensor row_ptr, Tensor col_idx, Tensor values, Tensor x, Tensor? bias) -> Tensor");
+  // Gradient of the stored values of W for the output gradient dy (B, O, M).
+  m.def("sparse_mm_values_grad(Tensor row_ptr, Tensor col_idx, Tensor values, Tensor x, Tensor dy) -> Tensor");
+
   // Frees the host buffers the statistics ops keep for reuse (see buffer_cache.h);
   // returns the bytes released.
   m.def("empty_cache() -> int");

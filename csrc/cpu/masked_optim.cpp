@@ -21,7 +21,7 @@ namespace {
 constexpr int64_t kGrain = 1 << 15;
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FASTPRUNE_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#define FASTPRUNE_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define FASTPRUNE_CLONES
 #endif

@@ -1,0 +1,255 @@
+// CPU sparse x dense products: Y = W X for a row-compressed W, and the gradient
+// of the stored values, dW[j] = <dY[row_j], X[col_j]> summed over B.
+//
+// Each work item is one (b, column tile, row): the row's nonzeros stream once
+// while a tile of up to 64 output columns stays in registers, and every nonzero
+// adds a contiguous run of X's row col_j (fits L2 for K x 64 floats).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "../sparse_mm.h"
+
+namespace fastprune {
+namespace {
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FASTPRUNE_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define FASTPRUNE_CLONES
+#endif
+
+// Column indices are stored as int16 and read as unsigned (up to 65536 columns).
+template <typename I>
+C10_ALWAYS_INLINE int64_t col(const I* c, int64_t j) {
+  if constexpr (sizeof(I) == 2) return static_cast<uint16_t>(c[j]);
+  else return c[j];
+}
+
+// 32-byte GCC vectors (one AVX register; two SSE registers in the generic build),
+// loadable from any element-aligned address.
+template <typename T>
+struct Vec {
+  typedef T type __attribute__((vector_size(32), aligned(sizeof(T))));
+  static constexpr int lanes = 32 / sizeof(T);
+};
+
+struct Tile {
+  int64_t m0, width;
+};
+
+// Widths of 8, 4, 2 and 1 vectors (fixed widths keep the accumulators in
+// registers), then a tail narrower than one vector.
+std::vector<Tile> column_tiles(int64_t M, int64_t lanes) {
+  std::vector<Tile> tiles;
+  int64_t m0 = 0;
+  for (; M - m0 >= 8 * lanes; m0 += 8 * lanes) tiles.push_back({m0, 8 * lanes});
+  for (int64_t w : {4 * lanes, 2 * lanes, lanes}) {  // each narrower width at most once
+    if (M - m0 >= w) {
+      tiles.push_back({m0, w});
+      m0 += w;
+    }
+  }
+  if (m0 < M) tiles.push_back({m0, M - m0});
+  return tiles;
+}
+
+// One output row over V vectors of columns starting at m0. Narrow tiles run U
+// independent accumulator sets over interleaved nonzeros, so at least four FMA
+// chains are in flight (one chain would wait on the FMA latency every nonzero).
+template <typename T, typename I, int V>
+C10_ALWAYS_INLINE void row_tile(const int32_t* __restrict__ rp, const I* __restrict__ ci, const T* __restrict__ v,
+                                const T* __restrict__ xb, int64_t M, int64_t m0, int64_t o, T bias,
+                                T* __restrict__ orow) {
+  using vec = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes, U = V >= 4 ? 1 : 4 / V;
+  vec acc[U][V];
+  for (int u = 0; u < U; ++u)
+    for (int k = 0; k < V; ++k) acc[u][k] = vec{};
+  const int32_t begin = rp[o], end = rp[o + 1];
+  int32_t j = begin;
+  for (; j + U <= end; j += U) {
+    for (int u = 0; u < U; ++u) {
+      const T w = v[j + u];
+      const vec* xr = reinterpret_cast<const vec*>(xb + col(ci, j + u) * M + m0);
+      for (int k = 0; k < V; ++k) acc[u][k] += w * xr[k];
+    }
+  }
+  for (; j < end; ++j) {
+    const vec* xr = reinterpret_cast<const vec*>(xb + col(ci, j) * M + m0);
+    for (int k = 0; k < V; ++k) acc[0][k] += v[j] * xr[k];
+  }
+  for (int u = 1; u < U; ++u)
+    for (int k = 0; k < V; ++k) acc[0][k] += acc[u][k];
+  for (int k = 0; k < V; ++k) *reinterpret_cast<vec*>(orow + m0 + k * L) = acc[0][k] + bias;
+}
+
+// Fewer than one vector of columns (M == 1 is Linear at batch 1): scalar
+// multiply-adds over NW columns, four nonzeros in flight.
+template <typename T, typename I, int NW>
+C10_ALWAYS_INLINE void row_narrow(const int32_t* __restrict__ rp, const I* __restrict__ ci, const T* __restrict__ v,
+                                  const T* __restrict__ xb, int64_t M, int64_t m0, int64_t o, T bias,
+                                  T* __restrict__ orow) {
+  T acc[4][NW] = {};
+  const int32_t begin = rp[o], end = rp[o + 1];
+  int32_t j = begin;
+  for (; j + 4 <= end; j += 4) {
+    for (int u = 0; u < 4; ++u) {
+      const T w = v[j + u];
+      const T* xr = xb + col(ci, j + u) * M + m0;
+      for (int c = 0; c < NW; ++c) acc[u][c] += w * xr[c];
+    }
+  }
+  for (; j < end; ++j) {
+    const T* xr = xb + col(ci, j) * M + m0;
+    for (int c = 0; c < NW; ++c) acc[0][c] += v[j] * xr[c];
+  }
+  for (int c = 0; c < NW; ++c) orow[m0 + c] = (acc[0][c] + acc[1][c]) + (acc[2][c] + acc[3][c]) + bias;
+}
+
+template <typename T, typename I>
+C10_ALWAYS_INLINE void spmm_items(const int32_t* rp, const I* ci, const T* v, const T* x, const T* bias, T* out,
+                                  int64_t O, int64_t K, int64_t M, const Tile* tiles, int64_t num_tiles,
+                                  int64_t begin, int64_t end) {
+  constexpr int L = Vec<T>::lanes;
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t o = item % O, t = (item / O) % num_tiles, b = item / (O * num_tiles);
+    const T* xb = x + b * K * M;
+    T* orow = out + (b * O + o) * M;
+    const T bo = bias ? bias[o] : T(0);
+    const Tile tile = tiles[t];
+    switch (tile.width / L) {
+      case 8: row_tile<T, I, 8>(rp, ci, v, xb, M, tile.m0, o, bo, orow); break;
+      case 4: row_tile<T, I, 4>(rp, ci, v, xb, M, tile.m0, o, bo, orow); break;
+      case 2: row_tile<T, I, 2>(rp, ci, v, xb, M, tile.m0, o, bo, orow); break;
+      case 1: row_tile<T, I, 1>(rp, ci, v, xb, M, tile.m0, o, bo, orow); break;
+      default:
+        switch (tile.width) {  // under one vector: 1 to 7 floats or 1 to 3 doubles
+          case 1: row_narrow<T, I, 1>(rp, ci, v, xb, M, tile.m0, o, bo, orow); break;
+          case 2: row_narrow<T, I, 2>(rp, ci, v, xb, M, tile.m0, o, bo, orow); break;
+          case 3: row_narrow<T, I, 3>(rp, ci, v, xb, M, tile.m0, o, bo, orow); break;
+          case 4: row_narrow<T, I, 4>(rp, ci, v, xb, M, tile.m0, o, bo, orow); break;
+          case 5: row_narrow<T, I, 5>(rp, ci, v, xb, M, tile.m0, o, bo, orow); break;
+          case 6: row_narrow<T, I, 6>(rp, ci, v, xb, M, tile.m0, o, bo, orow); break;
+          default: row_narrow<T, I, 7>(rp, ci, v, xb, M, tile.m0, o, bo, orow);
+        }
+    }
+  }
+}
+
+// One non-template entry per (type, index): target_clones needs plain functions.
+#define FASTPRUNE_SPMM_ENTRY(T, I)                                                                              \
+  FASTPRUNE_CLONES void spmm_##T##_##I(const int32_t* rp, const I* ci, const T* v, const T* x, const T* bias,    \
+                                       T* out, int64_t O, int64_t K, int64_t M, const Tile* tiles, int64_t nt, \
+                                       int64_t begin, int64_t end) {                                           \
+    spmm_items<T, I>(rp, ci, v, x, bias, out, O, K, M, tiles, nt, begin, end);                                \
+  }
+FASTPRUNE_SPMM_ENTRY(float, int16_t)
+FASTPRUNE_SPMM_ENTRY(float, int32_t)
+FASTPRUNE_SPMM_ENTRY(double, int16_t)
+FASTPRUNE_SPMM_ENTRY(double, int32_t)
+
+template <typename T, typename I>
+void spmm_dispatch(const int32_t* rp, const I* ci, const T* v, const T* x, const T* bias, T* out, int64_t O,
+                   int64_t K, int64_t M, const Tile* tiles, int64_t nt, int64_t begin, int64_t end) {
+#define FASTPRUNE_CALL(TT, II)                                                                               \
+  if constexpr (std::is_same_v<T, TT> && std::is_same_v<I, II>)                                              \
+    return spmm_##TT##_##II(rp, ci, v, x, bias, out, O, K, M, tiles, nt, begin, end);
+  FASTPRUNE_CALL(float, int16_t)
+  FASTPRUNE_CALL(float, int32_t)
+  FASTPRUNE_CALL(double, int16_t)
+  FASTPRUNE_CALL(double, int32_t)
+#undef FASTPRUNE_CALL
+}
+
+at::Tensor sparse_mm_cpu(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& values,
+                         const at::Tensor& x_in, const std::optional<at::Tensor>& bias_in) {
+  check_csr(row_ptr, col_idx, values, "sparse_mm");
+  check_activations(x_in, values, "sparse_mm");
+  const int64_t O = row_ptr.size(0) - 1, B = x_in.size(0), K = x_in.size(1), M = x_in.size(2);
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor bias;
+  if (bias_in) {
+    TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == O && bias_in->scalar_type() == values.scalar_type(),
+                "sparse_mm: bias must be (", O, ",) of the weight dtype, got ", bias_in->sizes());
+    bias = bias_in->contiguous();
+  }
+  at::Tensor out = at::empty({B, O, M}, x.options());
+  const auto tiles = column_tiles(M, 32 / values.element_size());
+  const int64_t nt = static_cast<int64_t>(tiles.size()), items = B * nt * O;
+  if (items == 0) return out;
+  // About 4096 multiply-adds per task keeps the scheduling overhead small.
+  const int64_t per_row = std::max<int64_t>(1, values.numel() / std::max<int64_t>(O, 1)) * std::min<int64_t>(M, 64);
+  const int64_t grain = std::max<int64_t>(1, 4096 / per_row);
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "sparse_mm_cpu", [&] {
+    const auto run = [&](auto idx) {
+      using I = decltype(idx);
+      const I* ci = col_idx.const_data_ptr<I>();
+      at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+        spmm_dispatch<scalar_t, I>(row_ptr.const_data_ptr<int32_t>(), ci, values.const_data_ptr<scalar_t>(),
+                                   x.const_data_ptr<scalar_t>(), bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+                                   out.data_ptr<scalar_t>(), O, K, M, tiles.data(), nt, begin, end);
+      });
+    };
+    if (col_idx.scalar_type() == at::kShort) run(int16_t{});
+    else run(int32_t{});
+  });
+  return out;
+}
+
+// dv[j] = sum_b <dy[b, row_j, :], x[b, col_j, :]>: the gradient of the stored values.
+template <typename T, typename I>
+void values_grad_rows(const int32_t* rp, const I* ci, const T* x, const T* dy, T* dv, int64_t B, int64_t O,
+                      int64_t K, int64_t M, int64_t o0, int64_t o1) {
+  for (int64_t o = o0; o < o1; ++o) {
+    for (int32_t j = rp[o]; j < rp[o + 1]; ++j) {
+      T acc = 0;
+      const int64_t c = col(ci, j);
+      for (int64_t b = 0; b < B; ++b) {
+        const T* __restrict__ xr = x + (b * K + c) * M;
+        const T* __restrict__ gr = dy + (b * O + o) * M;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t m = 0; m < M; ++m) acc += gr[m] * xr[m];
+      }
+      dv[j] = acc;
+    }
+  }
+}
+
+at::Tensor sparse_mm_values_grad_cpu(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& values,
+                                     const at::Tensor& x_in, const at::Tensor& dy_in) {
+  check_csr(row_ptr, col_idx, values, "sparse_mm_values_grad");
+  check_activations(x_in, values, "sparse_mm_values_grad");
+  const int64_t O = row_ptr.size(0) - 1, B = x_in.size(0), K = x_in.size(1), M = x_in.size(2);
+  TORCH_CHECK(dy_in.dim() == 3 && dy_in.size(0) == B && dy_in.size(1) == O && dy_in.size(2) == M &&
+                  dy_in.scalar_type() == values.scalar_type(),
+              "sparse_mm_values_grad: dy must be (", B, ", ", O, ", ", M, ") of the weight dtype, got ", dy_in.sizes());
+  const at::Tensor x = x_in.contiguous(), dy = dy_in.contiguous();
+  at::Tensor dv = at::empty_like(values);
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, values.numel() / std::max<int64_t>(O, 1) * B * M));
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "sparse_mm_values_grad_cpu", [&] {
+    const auto run = [&](auto idx) {
+      using I = decltype(idx);
+      at::parallel_for(0, O, grain, [&](int64_t o0, int64_t o1) {
+        values_grad_rows<scalar_t, I>(row_ptr.const_data_ptr<int32_t>(), col_idx.const_data_ptr<I>(),
+                                      x.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(),
+                                      dv.data_ptr<scalar_t>(), B, O, K, M, o0, o1);
+      });
+    };
+    if (col_idx.scalar_type() == at::kShort) run(int16_t{});
+    else run(int32_t{});
+  });
+  return dv;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastprune, CPU, m) {
+  m.impl("sparse_mm", &sparse_mm_cpu);
+  m.impl("sparse_mm_values_grad", &sparse_mm_values_grad_cpu);
+}
+
+}  // namespace fastprune

@@ -1,0 +1,35 @@
+// Sparse weight times dense activations, shared by the CPU and CUDA ops.
+//
+// The weight W (O, K) is stored row-compressed: row_ptr (O + 1) int32, col_idx
+// (nnz) int16 (read as unsigned, so K <= 65536) or int32, values (nnz) in the
+// weight dtype. Activations come as x (B, K, M): B independent right-hand sides
+// of M columns each (Linear: B = 1 and M = the batch, from x^T; Conv2d: B = the
+// batch and M = output positions of the unfolded input). The output is
+// (B, O, M).
+#pragma once
+#include <ATen/ATen.h>
+
+namespace fastprune {
+
+inline void check_csr(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& values,
+                      const char* op) {
+  TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.size(0) >= 1 && row_ptr.scalar_type() == at::kInt, op,
+              ": row_ptr must be a 1-D int32 tensor of O + 1 offsets");
+  TORCH_CHECK(col_idx.dim() == 1 && (col_idx.scalar_type() == at::kShort || col_idx.scalar_type() == at::kInt), op,
+              ": col_idx must be a 1-D int16 or int32 tensor");
+  TORCH_CHECK(values.dim() == 1 && values.size(0) == col_idx.size(0), op, ": values (", values.sizes(),
+              ") and col_idx (", col_idx.sizes(), ") must be 1-D of the same length");
+  TORCH_CHECK(row_ptr.is_contiguous() && col_idx.is_contiguous() && values.is_contiguous(), op,
+              ": row_ptr, col_idx and values must be contiguous");
+  TORCH_CHECK(row_ptr.device() == values.device() && col_idx.device() == values.device(), op,
+              ": row_ptr, col_idx and values must be on one device");
+}
+
+inline void check_activations(const at::Tensor& x, const at::Tensor& values, const char* op) {
+  TORCH_CHECK(x.dim() == 3, op, ": x must be (B, K, M), got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == values.scalar_type(), op, ": x is ", x.scalar_type(), " but the weight values are ",
+              values.scalar_type());
+  TORCH_CHECK(x.device() == values.device(), op, ": x is on ", x.device(), " but the weight is on ", values.device());
+}
+
+}  // namespace fastprune
