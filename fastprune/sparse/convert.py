@@ -1,0 +1,158 @@
+"""Model-level conversion: pruned Linear/Conv2d layers to sparse execution where it pays."""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..masks import apply_masks, get_mask
+from .layers import SparseConv2d, SparseLinear, _SparseModule
+
+__all__ = ["to_sparse", "to_dense", "SparseReport", "LayerChoice"]
+
+
+@dataclass
+class LayerChoice:
+    """What :func:`to_sparse` decided for one pruned layer (times in ms, None when not measured)."""
+
+    name: str
+    sparsity: float
+    kernel: str  # "sparse" or "dense"
+    dense_ms: float | None = None
+    sparse_ms: float | None = None
+    reason: str = ""
+
+
+@dataclass
+class SparseReport:
+    layers: list[LayerChoice] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        rows = [f"{'layer':24s} {'sparsity':>8s} {'kernel':>7s} {'dense ms':>9s} {'sparse ms':>9s}  reason"]
+        for c in self.layers:
+            fmt = (lambda v: f"{v:9.3f}" if v is not None else f"{'-':>9s}")
+            rows.append(f"{c.name:24s} {c.sparsity:8.3f} {c.kernel:>7s} {fmt(c.dense_ms)} {fmt(c.sparse_ms)}  {c.reason}")
+        return "\n".join(rows)
+
+
+def _time_ms(fn, arg, repeats: int) -> float:
+    sync = torch.cuda.synchronize if arg.is_cuda else (lambda: None)
+    fn(arg)  # warm-up (first-call allocations, the CUDA context)
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn(arg)
+        sync()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def _capture_inputs(model: nn.Module, names: list[str], example_input) -> dict[str, torch.Tensor]:
+    inputs, handles = {}, []
+    for name in names:
+        def hook(module, args, name=name):
+            inputs.setdefault(name, args[0].detach())
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            model(*example_input) if isinstance(example_input, tuple) else model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    return inputs
+
+
+def _unsupported(module: nn.Module) -> str:
+    if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"
+                                          or isinstance(module.padding, str)):
+        return "grouped, non-zero-padded or string-padded convolution"
+    if module.weight.dtype not in (torch.float32, torch.float64):
+        return f"{module.weight.dtype} weights (the CPU kernel takes float32/float64)"
+    return ""
+
+
+def to_sparse(model: nn.Module, example_input, min_sparsity: float = 0.7, calibrate: bool = True,
+              repeats: int = 20) -> tuple[nn.Module, SparseReport]:
+    """Replaces pruned ``nn.Linear`` / ``nn.Conv2d`` layers by :class:`SparseLinear` /
+    :class:`SparseConv2d` where that is faster, in place.
+
+    A layer qualifies when it carries a pruning mask (``torch.nn.utils.prune`` or
+    :func:`fastprune.prune`) with at least ``min_sparsity`` of its weights pruned.
+    With ``calibrate`` (the default), each qualifying layer runs ``repeats`` times
+    on its own input from one forward of ``example_input`` (a tensor, or a tuple
+    of positional inputs), dense (masked) and sparse, and is replaced only if the
+    sparse module is faster, so the model never gets slower at that input shape.
+    Without it, every qualifying layer is replaced.
+
+    Returns ``(model, report)``; ``print(report)`` gives, per pruned layer, its
+    sparsity, the kernel chosen and both times. :func:`to_dense` reverts.
+    """
+    if not 0.0 <= min_sparsity <= 1.0:
+        raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity!r}")
+    pruned = {name: m for name, m in model.named_modules()
+              if isinstance(m, (nn.Linear, nn.Conv2d)) and get_mask(m, "weight") is not None}
+    if not pruned:
+        raise ValueError("to_sparse found no pruned Linear or Conv2d layer (no 'weight_mask'); prune the model first, "
+                         "e.g. fastprune.prune(model, criterion, sparsity=0.9)")
+    report, build = SparseReport(), {}
+    for name, module in pruned.items():
+        mask = get_mask(module, "weight")
+        sparsity = 1.0 - float(mask.float().mean())
+        reason = _unsupported(module)
+        if not reason and sparsity < min_sparsity:
+            reason = f"sparsity below min_sparsity={min_sparsity}"
+        report.layers.append(LayerChoice(name, sparsity, "dense", reason=reason))
+        if not reason:
+            build[name] = module
+    inputs = _capture_inputs(model, list(build), example_input) if calibrate and build else {}
+    for choice in report.layers:
+        module = build.get(choice.name)
+        if module is None:
+            continue
+        with torch.no_grad():
+            weight = module.weight_orig * get_mask(module, "weight")
+            cls = SparseLinear if isinstance(module, nn.Linear) else SparseConv2d
+            sparse = cls.from_dense(_plain_copy(module, weight), get_mask(module, "weight"))
+            if choice.name in inputs:
+                choice.dense_ms = _time_ms(module, inputs[choice.name], repeats)
+                choice.sparse_ms = _time_ms(sparse, inputs[choice.name], repeats)
+        if choice.name in inputs and choice.sparse_ms >= choice.dense_ms:
+            choice.reason = "dense is faster at this input shape"
+            continue
+        choice.kernel, choice.reason = "sparse", ""
+        _set_submodule(model, choice.name, sparse)
+    return model, report
+
+
+def _plain_copy(module: nn.Module, weight: torch.Tensor) -> nn.Module:
+    """The layer without its pruning hook, holding the masked weight."""
+    plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None) \
+        if isinstance(module, nn.Linear) else nn.Conv2d(
+            module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+            module.dilation, module.groups, module.bias is not None, module.padding_mode)
+    plain = plain.to(device=weight.device, dtype=weight.dtype)
+    plain.weight = nn.Parameter(weight.clone(), requires_grad=module.weight_orig.requires_grad)
+    if module.bias is not None:
+        plain.bias = module.bias
+    return plain
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, new)
+
+
+def to_dense(model: nn.Module) -> nn.Module:
+    """Replaces every sparse module by its dense ``nn.Linear`` / ``nn.Conv2d``, with the
+    pruning mask re-applied (``weight_orig`` / ``weight_mask``), in place."""
+    sparse = [(name, m) for name, m in model.named_modules() if isinstance(m, _SparseModule)]
+    for name, module in sparse:
+        dense = module.to_dense()
+        mask = module.weight_mask()
+        _set_submodule(model, name, dense)
+        apply_masks(model, {f"{name}.weight": mask})
+    return model
