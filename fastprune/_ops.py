@@ -17,7 +17,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
     ) from exc
 
 __all__ = ["kth_smallest", "grad_sq", "sum_sq", "empty_cache", "per_sample_grads", "grad_blocks_accumulate", "fisher_inverse",
-           "woodbury_update", "lowrank_factor", "masked_sgd_", "masked_adam_", "has_cuda_kernels"]
+           "woodbury_update", "lowrank_factor", "masked_sgd_", "masked_adam_", "sparse_mm", "sparse_mm_values_grad", "has_cuda_kernels"]
 
 
 @torch.library.register_fake("fastprune::kth_smallest")
@@ -66,6 +66,16 @@ def _woodbury_update_fake(inverse, grads, scale):
 @torch.library.register_fake("fastprune::lowrank_factor")
 def _lowrank_factor_fake(grads, damp):
     return grads.new_empty(grads.shape, dtype=_acc_dtype(grads))
+
+
+@torch.library.register_fake("fastprune::sparse_mm")
+def _sparse_mm_fake(row_ptr, col_idx, values, x, bias):
+    return x.new_empty((x.shape[0], row_ptr.shape[0] - 1, x.shape[2]))
+
+
+@torch.library.register_fake("fastprune::sparse_mm_values_grad")
+def _sparse_mm_values_grad_fake(row_ptr, col_idx, values, x, dy):
+    return torch.empty_like(values)
 
 
 @torch.library.register_fake("fastprune::masked_sgd_")
@@ -156,6 +166,21 @@ def masked_adam_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
     update (1 first). Pruned elements of param and both moments become 0."""
     torch.ops.fastprune.masked_adam_(param, grad, exp_avg, exp_avg_sq, mask, float(lr), float(beta1), float(beta2),
                                      float(eps), float(weight_decay), int(step), bool(decoupled), bool(maximize))
+
+
+def sparse_mm(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor, x: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``W @ x[b] + bias`` for every b, as (B, O, M), with W (O, K) row-compressed:
+    ``row_ptr`` (O + 1, int32), ``col_idx`` (nnz; int16 read as unsigned, or int32)
+    and ``values`` (nnz); ``x`` is (B, K, M) in the values' dtype."""
+    return torch.ops.fastprune.sparse_mm(row_ptr, col_idx, values, x, bias)
+
+
+def sparse_mm_values_grad(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor, x: torch.Tensor,
+                          dy: torch.Tensor) -> torch.Tensor:
+    """Gradient of :func:`sparse_mm`'s output w.r.t. ``values`` for output gradient ``dy``
+    (B, O, M): ``dv[j] = sum_b <dy[b, row_j], x[b, col_j]>``."""
+    return torch.ops.fastprune.sparse_mm_values_grad(row_ptr, col_idx, values, x, dy)
 
 
 def kth_smallest(tensors: list[torch.Tensor], k: int) -> tuple[torch.Tensor, int]:

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from .criteria.base import Criterion
 from .masks import apply_masks, refresh_masked
-from .select import keep_counts, threshold_masks
+from .select import keep_counts, nm_masks, parse_pattern, threshold_masks
 from .targets import Target, find_targets
 
 __all__ = ["prune", "geometric_schedule"]
@@ -110,7 +110,7 @@ def _check_capacity(targets: list[Target], keep: list[int], sparsity: float, per
 def prune(model: nn.Module, criterion: Criterion, sparsity: float, *, data: Iterable | None = None,
           loss_fn=None, scope: str = "global", steps: int | None = None,
           modules: Iterable[str | type] | str | type | None = None, min_keep: int | float = 1,
-          progress: bool = True) -> dict[str, torch.Tensor]:
+          pattern: str | None = None, progress: bool = True) -> dict[str, torch.Tensor]:
     """Prunes ``model`` in place to ``sparsity`` using ``criterion``'s scores.
 
     Args:
@@ -131,6 +131,11 @@ def prune(model: nn.Module, criterion: Criterion, sparsity: float, *, data: Iter
             Conv1d, Conv2d and Conv3d weight.
         min_keep: weights every tensor keeps (a count, or a fraction in (0, 1) of
             the tensor), which prevents layer collapse under a global threshold.
+        pattern: ``"N:M"`` (e.g. ``"2:4"``, ``"4:8"``) keeps the N best-scored of
+            every M consecutive weights along each row of ``weight.flatten(1)``
+            (Linear: the input features; Conv: in-channel x kernel positions),
+            the layout semi-structured sparse kernels take. ``sparsity`` must be
+            1 - N/M; the step is single (``steps`` 1) and ``scope`` does not apply.
         progress: show a progress bar over the steps.
 
     Returns:
@@ -147,6 +152,13 @@ def prune(model: nn.Module, criterion: Criterion, sparsity: float, *, data: Iter
         raise TypeError(f"criterion must be a fastprune.criteria.Criterion, got {type(criterion).__name__}")
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be a fraction in [0, 1), got {sparsity!r} (0.9 prunes 90% of the weights)")
+    if pattern is not None:
+        n, m = parse_pattern(pattern)
+        if abs(sparsity - (1 - n / m)) > 1e-9:
+            raise ValueError(f"pattern {pattern!r} prunes {m - n} of every {m} weights: pass sparsity={1 - n / m}")
+        if steps not in (None, 1):
+            raise ValueError(f"pattern {pattern!r} is applied in one step; drop steps={steps}")
+        steps = 1
     if steps is None:
         steps = criterion.default_steps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -164,7 +176,8 @@ def prune(model: nn.Module, criterion: Criterion, sparsity: float, *, data: Iter
 
     final_alloc = criterion.allocation(params(), sparsity)
     per_tensor = None if final_alloc is None else [final_alloc[t.name] for t in targets]
-    _check_capacity(targets, keep, sparsity, per_tensor, scope)
+    if pattern is None:
+        _check_capacity(targets, keep, sparsity, per_tensor, scope)
 
     snapshot = _Snapshot(targets) if steps > 1 else None
     try:
@@ -175,7 +188,10 @@ def prune(model: nn.Module, criterion: Criterion, sparsity: float, *, data: Iter
             alloc = criterion.allocation(current, step_sparsity)
             amount = (step_sparsity if scope == "global" else [step_sparsity] * len(targets)) if alloc is None \
                 else [alloc[t.name] for t in targets]
-            new = threshold_masks(scores, [t.mask for t in targets], keep, amount)
+            if pattern is None:
+                new = threshold_masks(scores, [t.mask for t in targets], keep, amount)
+            else:
+                new = nm_masks(scores, [t.mask for t in targets], [t.name for t in targets], n, m)
             del scores
             masks = {t.name: m for t, m in zip(targets, new)}
             weights = criterion.compensate(model, current, {t.name: t.mask for t in targets}, masks)

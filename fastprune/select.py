@@ -8,7 +8,7 @@ import torch
 
 from ._ops import kth_smallest
 
-__all__ = ["keep_counts", "threshold_masks"]
+__all__ = ["keep_counts", "threshold_masks", "parse_pattern", "nm_masks"]
 
 
 def keep_counts(numels: list[int], min_keep: int | float) -> list[int]:
@@ -70,3 +70,33 @@ def threshold_masks(scores: list[torch.Tensor], masks: list[torch.Tensor | None]
         return _masks_at(prepared, k)
     return [_masks_at([s], max(round(sp * s.numel()), p))[0]
             for s, sp, p in zip(prepared, sparsity, pruned_now)]
+
+
+def parse_pattern(pattern: str) -> tuple[int, int]:
+    """``"N:M"`` -> (N, M) with 0 < N < M."""
+    try:
+        n, m = (int(p) for p in pattern.split(":"))
+    except (AttributeError, ValueError):
+        n = m = 0
+    if not 0 < n < m:
+        raise ValueError(f"pattern must be 'N:M' with 0 < N < M (e.g. '2:4'), got {pattern!r}")
+    return n, m
+
+
+def nm_masks(scores: list[torch.Tensor], masks: list[torch.Tensor | None], names: list[str], n: int,
+             m: int) -> list[torch.Tensor]:
+    """Keep-masks with the ``n`` best of every ``m`` consecutive weights along each
+    row of ``weight.flatten(1)`` (the input dimension); already-pruned weights stay
+    pruned, so such a group may keep fewer. Ties keep the lower index."""
+    out = []
+    for score, mask, name in zip(scores, masks, names):
+        row = score[0].numel() if score.dim() > 1 else score.numel()
+        if row % m:
+            raise ValueError(f"pattern {n}:{m} needs the input dimension of {name!r} ({row} weights per output) "
+                             f"to be a multiple of {m}; exclude it with modules= or use unstructured sparsity")
+        s = score if mask is None else score.masked_fill(~mask.bool(), -math.inf)
+        groups = s.reshape(-1, m)
+        best = groups.argsort(dim=1, descending=True, stable=True)[:, :n]
+        keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, best, True).view_as(score)
+        out.append(keep if mask is None else keep & mask.bool())
+    return out

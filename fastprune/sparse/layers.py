@@ -87,7 +87,7 @@ class _SparseMM(torch.autograd.Function):
         ctx.csr = csr
         ctx.save_for_backward(x, values)
         ctx.has_bias = bias is not None
-        return torch.ops.fastprune.sparse_mm(csr.row_ptr, csr.col_idx, values, x, bias)
+        return _ops.sparse_mm(csr.row_ptr, csr.col_idx, values, x, bias)
 
     @staticmethod
     def backward(ctx, dy):
@@ -97,9 +97,9 @@ class _SparseMM(torch.autograd.Function):
         dx = dv = db = None
         if ctx.needs_input_grad[0]:
             csr_t, order = csr.transpose()
-            dx = torch.ops.fastprune.sparse_mm(csr_t.row_ptr, csr_t.col_idx, values[order].contiguous(), dy, None)
+            dx = _ops.sparse_mm(csr_t.row_ptr, csr_t.col_idx, values[order].contiguous(), dy)
         if ctx.needs_input_grad[1]:
-            dv = torch.ops.fastprune.sparse_mm_values_grad(csr.row_ptr, csr.col_idx, values, x, dy)
+            dv = _ops.sparse_mm_values_grad(csr.row_ptr, csr.col_idx, values, x, dy)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.sum((0, 2))
         return dx, dv, db, None

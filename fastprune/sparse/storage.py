@@ -109,11 +109,12 @@ def load_sparse(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         weight = values.new_zeros(shape)
         weight[mask] = values
         masks[key], weights[key] = mask, weight
-    apply_masks(model, masks)
-    expected = set(model.state_dict()) - {f"{k}_orig" for k in masks} - {f"{k}_mask" for k in masks}
+    # Checked before anything changes: a failed load leaves the model as it was.
+    expected = set(model.state_dict()) - {f"{k}{suffix}" for k in masks for suffix in ("", "_orig", "_mask")}
     missing, unexpected = expected - set(tensors), set(tensors) - expected
     if missing or unexpected:
-        raise KeyError(f"file and model disagree: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+        raise KeyError(f"file and model disagree: the file lacks {sorted(missing)} and has extra {sorted(unexpected)}")
+    apply_masks(model, masks)
     with torch.no_grad():
         state = model.state_dict(keep_vars=True)
         for key, value in tensors.items():

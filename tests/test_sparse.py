@@ -1,0 +1,299 @@
+"""Sparse execution: the sparse_mm ops against dense masked matmul, the modules
+against nn.Linear / nn.Conv2d and autograd, conversion, storage and N:M masks."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastprune
+from fastprune import _ops
+from fastprune.sparse import SparseConv2d, SparseLinear, load_sparse, save_sparse, to_dense, to_sparse
+from fastprune.sparse.layers import CSRWeight, _SparseMM
+
+
+def random_mask(o, k, density, kind="random", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(o, k, generator=g) < density
+    if kind == "patterns" and o >= 3:
+        mask[0] = False  # empty row
+        mask[1] = True   # fully dense row
+        mask[2] = False
+        mask[2, k - 1] = True  # one column
+    return mask
+
+
+def csr_of(weight, mask):
+    csr, flat = CSRWeight.from_mask(mask)
+    return csr, weight.reshape(-1)[flat].contiguous()
+
+
+@pytest.mark.parametrize("o,k,m,b", [(7, 5, 1, 1), (16, 33, 3, 2), (40, 70, 8, 1), (9, 64, 29, 3),
+                                     (5, 100, 64, 1), (33, 17, 150, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["random", "patterns"])
+def test_sparse_mm_matches_dense(o, k, m, b, dtype, kind):
+    mask = random_mask(o, k, 0.3, kind)
+    weight = torch.randn(o, k, dtype=dtype) * mask
+    csr, values = csr_of(weight, mask)
+    x = torch.randn(b, m, k, dtype=dtype).transpose(1, 2)  # non-contiguous (B, K, M)
+    bias = torch.randn(o, dtype=dtype)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(_ops.sparse_mm(csr.row_ptr, csr.col_idx, values, x, bias),
+                               weight @ x + bias[:, None], **tol)
+    torch.testing.assert_close(_ops.sparse_mm(csr.row_ptr, csr.col_idx, values, x), weight @ x, **tol)
+    dy = torch.randn(b, o, m, dtype=dtype)
+    dv = _ops.sparse_mm_values_grad(csr.row_ptr, csr.col_idx, values, x, dy)
+    torch.testing.assert_close(dv, torch.einsum("bom,bkm->ok", dy, x)[mask], **tol)
+
+
+def test_int32_columns_beyond_16_bits():
+    k = (1 << 16) + 5
+    mask = torch.zeros(3, k, dtype=torch.bool)
+    mask[0, [0, 40000, k - 1]] = True
+    mask[2, [65535, 65536]] = True
+    weight = torch.randn(3, k, dtype=torch.float64) * mask
+    csr, values = csr_of(weight, mask)
+    assert csr.col_idx.dtype == torch.int32
+    x = torch.randn(1, k, 2, dtype=torch.float64)
+    torch.testing.assert_close(_ops.sparse_mm(csr.row_ptr, csr.col_idx, values, x), weight @ x)
+    small, _ = CSRWeight.from_mask(mask[:, :65536])
+    assert small.col_idx.dtype == torch.int16 and small.columns().max() == 65535  # read as unsigned
+
+
+def test_sparse_mm_errors():
+    mask = random_mask(4, 6, 0.5)
+    csr, values = csr_of(torch.randn(4, 6), mask)
+    with pytest.raises(RuntimeError, match=r"x must be \(B, K, M\)"):
+        _ops.sparse_mm(csr.row_ptr, csr.col_idx, values, torch.randn(6, 2))
+    with pytest.raises(RuntimeError, match="Double"):
+        _ops.sparse_mm(csr.row_ptr, csr.col_idx, values, torch.randn(1, 6, 2, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="int32"):
+        _ops.sparse_mm(csr.row_ptr.long(), csr.col_idx, values, torch.randn(1, 6, 2))
+    with pytest.raises(RuntimeError, match="bias"):
+        _ops.sparse_mm(csr.row_ptr, csr.col_idx, values, torch.randn(1, 6, 2), torch.randn(3))
+
+
+def test_opcheck():
+    mask = random_mask(5, 8, 0.5)
+    csr, values = csr_of(torch.randn(5, 8), mask)
+    x = torch.randn(2, 8, 3)
+    torch.library.opcheck(torch.ops.fastprune.sparse_mm.default, (csr.row_ptr, csr.col_idx, values, x, None))
+    torch.library.opcheck(torch.ops.fastprune.sparse_mm_values_grad.default,
+                          (csr.row_ptr, csr.col_idx, values, x, torch.randn(2, 5, 3)))
+
+
+def test_autograd_gradcheck():
+    mask = random_mask(6, 9, 0.4, "patterns")
+    csr, values = csr_of(torch.randn(6, 9, dtype=torch.float64), mask)
+    x = torch.randn(2, 9, 4, dtype=torch.float64, requires_grad=True)
+    v = values.clone().requires_grad_()
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, v, b: _SparseMM.apply(x, v, b, csr), (x, v, b))
+
+
+def pruned_linear(i, o, density, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(i, o).to(dtype)
+    mask = random_mask(o, i, density, seed=seed)
+    with torch.no_grad():
+        lin.weight.mul_(mask)
+    return lin, mask
+
+
+@pytest.mark.parametrize("shape", [(1, 20), (5, 20), (2, 3, 20)])
+def test_sparse_linear_matches_linear_and_autograd(shape):
+    lin, mask = pruned_linear(20, 11, 0.3)
+    sparse = SparseLinear.from_dense(lin, mask)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    y, ref = sparse(x), lin(x)
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(ref)
+    dx, dv, db = torch.autograd.grad(y, [x, sparse.values, sparse.bias], g)
+    rx, rw, rb = torch.autograd.grad(ref, [x, lin.weight, lin.bias], g)
+    torch.testing.assert_close(dx, rx)
+    torch.testing.assert_close(dv, rw[mask])
+    torch.testing.assert_close(db, rb)
+
+
+def test_sparse_linear_float32_relative_error_and_dtype_error():
+    lin, mask = pruned_linear(300, 200, 0.1, torch.float32)
+    sparse = SparseLinear.from_dense(lin, mask)
+    x = torch.randn(64, 300)
+    torch.testing.assert_close(sparse(x), lin(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="float32 weights but got a torch.float64 input"):
+        sparse(x.double())
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation", [(1, 1, 0, 1), (3, 1, 1, 1), (3, 2, 1, 1), (3, 1, 2, 2),
+                                                            ((1, 3), 2, (0, 1), 1), (1, 2, 0, 1)])
+def test_sparse_conv2d_matches_conv_and_autograd(kernel, stride, padding, dilation):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(5, 7, kernel, stride, padding, dilation).double()
+    mask = torch.rand_like(conv.weight) < 0.3
+    with torch.no_grad():
+        conv.weight.mul_(mask)
+    sparse = SparseConv2d.from_dense(conv, mask)
+    x = torch.randn(2, 5, 9, 8, dtype=torch.float64, requires_grad=True)
+    y, ref = sparse(x), conv(x)
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(ref)
+    dx, dv = torch.autograd.grad(y, [x, sparse.values], g)
+    rx, rw = torch.autograd.grad(ref, [x, conv.weight], g)
+    torch.testing.assert_close(dx, rx)
+    torch.testing.assert_close(dv, rw[mask])
+
+
+def test_sparse_conv2d_rejects_groups():
+    with pytest.raises(ValueError, match="groups=1"):
+        SparseConv2d.from_dense(nn.Conv2d(4, 4, 3, groups=2))
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+
+
+def cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 1), nn.ReLU(),
+                         nn.Conv2d(16, 8, 3, groups=2), nn.Flatten(), nn.Linear(8 * 6 * 6, 10)).eval()
+
+
+@pytest.mark.parametrize("make,shape", [(mlp, (3, 64)), (cnn, (2, 3, 8, 8))])
+def test_to_sparse_round_trip(make, shape):
+    model = make()
+    fastprune.prune(model, fastprune.criteria.Magnitude(), 0.9, scope="layer", progress=False)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        ref = model(x)
+    masks = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("_mask")}
+    converted, report = to_sparse(copy.deepcopy(model), x, calibrate=False)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), ref, rtol=1e-5, atol=1e-5)
+    kinds = {c.name: c.kernel for c in report.layers}
+    assert all(v == "sparse" for k, v in kinds.items() if k != "4" or make is mlp)
+    if make is cnn:
+        grouped = next(c for c in report.layers if c.name == "4")
+        assert grouped.kernel == "dense" and "grouped" in grouped.reason
+    assert "sparsity" in str(report)
+    back = to_dense(converted)
+    assert not any(isinstance(m, (SparseLinear, SparseConv2d)) for m in back.modules())
+    for k, v in masks.items():
+        assert torch.equal(back.state_dict()[k].bool(), v.bool())
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_to_sparse_calibration_and_min_sparsity():
+    model = mlp()
+    fastprune.prune(model, fastprune.criteria.Magnitude(), 0.5, scope="layer", progress=False,
+                    modules=["0", "2"])
+    fastprune.prune(model, fastprune.criteria.Magnitude(), 0.95, scope="layer", progress=False, modules=["2"])
+    _, report = to_sparse(model, torch.randn(4, 64), min_sparsity=0.7, repeats=3)
+    by_name = {c.name: c for c in report.layers}
+    assert by_name["0"].kernel == "dense" and "min_sparsity" in by_name["0"].reason
+    assert by_name["2"].dense_ms is not None and by_name["2"].sparse_ms is not None
+    assert (by_name["2"].kernel == "sparse") == (by_name["2"].sparse_ms < by_name["2"].dense_ms)
+
+
+def test_to_sparse_needs_masks():
+    with pytest.raises(ValueError, match="no pruned Linear or Conv2d"):
+        to_sparse(mlp(), torch.randn(2, 64))
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.95])
+def test_save_load_round_trip_and_size(tmp_path, sparsity):
+    model = mlp()
+    fastprune.prune(model, fastprune.criteria.Magnitude(), sparsity, scope="layer", progress=False)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        ref = model(x)
+    path = tmp_path / "model.safetensors"
+    info = save_sparse(model, path)
+    assert info["file_bytes"] == path.stat().st_size
+    if sparsity == 0.95:
+        assert info["ratio"] <= 0.12
+    fresh = mlp()
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.normal_()
+    load_sparse(path, fresh)
+    for (k, v), (k2, v2) in zip(sorted(model.state_dict().items()), sorted(fresh.state_dict().items())):
+        assert k == k2
+        if k.endswith("_orig"):
+            v = v * model.state_dict()[k[:-5] + "_mask"]  # pruned entries of orig are not stored
+        assert torch.equal(v.to(v2.dtype), v2), k
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), ref, rtol=0, atol=0)
+    # A converted model saves the same tensors.
+    converted, _ = to_sparse(copy.deepcopy(model), x, calibrate=False)
+    save_sparse(converted, tmp_path / "converted.safetensors")
+    again = load_sparse(tmp_path / "converted.safetensors", mlp())
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), ref, rtol=0, atol=0)
+
+
+def test_load_sparse_errors(tmp_path):
+    model = mlp()
+    fastprune.prune(model, fastprune.criteria.Magnitude(), 0.9, progress=False)
+    save_sparse(model, tmp_path / "m.safetensors")
+    with pytest.raises(KeyError, match="has extra"):
+        load_sparse(tmp_path / "m.safetensors", nn.Sequential(nn.Linear(64, 128)))
+    bigger = nn.Sequential(*mlp(), nn.Linear(10, 2))
+    before = copy.deepcopy(bigger.state_dict())
+    with pytest.raises(KeyError, match=r"extra \[\]"):
+        load_sparse(tmp_path / "m.safetensors", bigger)
+    assert bigger.state_dict().keys() == before.keys()
+    converted, _ = to_sparse(copy.deepcopy(model), torch.randn(2, 64), calibrate=False)
+    with pytest.raises(ValueError, match="to_dense"):
+        load_sparse(tmp_path / "m.safetensors", converted)
+    from safetensors.torch import save_file
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match="not written by"):
+        load_sparse(tmp_path / "plain.safetensors", mlp())
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4:8", "1:4"])
+def test_nm_masks_keep_exactly_n_of_m(pattern):
+    n, m = map(int, pattern.split(":"))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Conv2d(8, 4, 2))
+    masks = fastprune.prune(model, fastprune.criteria.Magnitude(), 1 - n / m, pattern=pattern, progress=False)
+    for name, mask in masks.items():
+        groups = mask.reshape(mask.shape[0], -1).reshape(-1, m)
+        assert (groups.sum(1) == n).all(), name
+        weight = model.get_submodule(name.rsplit(".", 1)[0]).weight_orig.detach().abs().reshape(-1, m)
+        kept_min = weight.masked_fill(~groups, float("inf")).min(1).values
+        dropped_max = weight.masked_fill(groups, -float("inf")).max(1).values
+        assert (kept_min >= dropped_max).all(), name
+
+
+def test_nm_pattern_errors_leave_model_unchanged():
+    model = nn.Sequential(nn.Linear(30, 4))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="multiple of 4"):
+        fastprune.prune(model, fastprune.criteria.Magnitude(), 0.5, pattern="2:4", progress=False)
+    with pytest.raises(ValueError, match="sparsity=0.5"):
+        fastprune.prune(model, fastprune.criteria.Magnitude(), 0.9, pattern="2:4", progress=False)
+    with pytest.raises(ValueError, match="N:M"):
+        fastprune.prune(model, fastprune.criteria.Magnitude(), 0.5, pattern="4:2", progress=False)
+    with pytest.raises(ValueError, match="one step"):
+        fastprune.prune(model, fastprune.criteria.Magnitude(), 0.5, pattern="2:4", steps=4, progress=False)
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and _ops.has_cuda_kernels()), reason="needs CUDA kernels")
+@pytest.mark.parametrize("m", [1, 5, 40])
+def test_cuda_matches_cpu(m):
+    mask = random_mask(37, 70, 0.2, "patterns")
+    weight = torch.randn(37, 70) * mask
+    csr, values = csr_of(weight, mask)
+    x, dy = torch.randn(3, 70, m), torch.randn(3, 37, m)
+    for dtype, tol in [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)]:
+        args = [t.cuda() for t in (csr.row_ptr, csr.col_idx)] + [values.to("cuda", dtype), x.to("cuda", dtype)]
+        out = _ops.sparse_mm(*args)
+        torch.testing.assert_close(out.float().cpu(), weight @ x, rtol=tol, atol=tol)
+        dv = _ops.sparse_mm_values_grad(*args, dy.to("cuda", dtype))
+        torch.testing.assert_close(dv.float().cpu(), torch.einsum("bom,bkm->ok", dy, x)[mask], rtol=tol, atol=tol * 10)
