@@ -54,9 +54,9 @@ TORCH_LIBRARY(fastprune, m) {
         "bool maximize) -> ()");
 
   // Sparse weight W (O, K), row-compressed (see sparse_mm.h), times dense x (B, K, M):
-  // W x[b] + bias for every b, as (B, O, M).
+  // W x[b] + bias for every b, as (B, O, M); a 2-D x (N, K) gives x W^T + bias (N, O).
   m.def("sparse_mm(Tensor row_ptr, Tensor col_idx, Tensor values, Tensor x, Tensor? bias) -> Tensor");
-  // Gradient of the stored values of W for the output gradient dy (B, O, M).
+  // Gradient of the stored values of W for the output gradient dy (B, O, M), or (N, O) with x (N, K).
   m.def("sparse_mm_values_grad(Tensor row_ptr, Tensor col_idx, Tensor values, Tensor x, Tensor dy) -> Tensor");
 
   // Frees the host buffers the statistics ops keep for reuse (see buffer_cache.h);

@@ -5,7 +5,8 @@
 // weight dtype. Activations come as x (B, K, M): B independent right-hand sides
 // of M columns each (Linear: B = 1 and M = the batch, from x^T; Conv2d: B = the
 // batch and M = output positions of the unfolded input). The output is
-// (B, O, M).
+// (B, O, M). A 2-D x (N, K) is Linear's layout: the result is x W^T (N, O),
+// computed through the (1, K, N) form (no copies at N = 1).
 #pragma once
 #include <ATen/ATen.h>
 
@@ -26,10 +27,16 @@ inline void check_csr(const at::Tensor& row_ptr, const at::Tensor& col_idx, cons
 }
 
 inline void check_activations(const at::Tensor& x, const at::Tensor& values, const char* op) {
-  TORCH_CHECK(x.dim() == 3, op, ": x must be (B, K, M), got ", x.sizes());
+  TORCH_CHECK(x.dim() == 3, op, ": x must be (B, K, M) or (N, K), got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == values.scalar_type(), op, ": x is ", x.scalar_type(), " but the weight values are ",
               values.scalar_type());
   TORCH_CHECK(x.device() == values.device(), op, ": x is on ", x.device(), " but the weight is on ", values.device());
+}
+
+// Linear's (N, K) layout as the kernels' (1, K, N), and back.
+inline at::Tensor as_columns(const at::Tensor& x) { return x.dim() == 2 ? x.t().unsqueeze(0) : x; }
+inline at::Tensor from_columns(const at::Tensor& out, const at::Tensor& x) {
+  return x.dim() == 2 ? out.squeeze(0).t().contiguous() : out;
 }
 
 }  // namespace fastprune

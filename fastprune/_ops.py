@@ -70,6 +70,8 @@ def _lowrank_factor_fake(grads, damp):
 
 @torch.library.register_fake("fastprune::sparse_mm")
 def _sparse_mm_fake(row_ptr, col_idx, values, x, bias):
+    if x.dim() == 2:
+        return x.new_empty((x.shape[0], row_ptr.shape[0] - 1))
     return x.new_empty((x.shape[0], row_ptr.shape[0] - 1, x.shape[2]))
 
 
@@ -172,14 +174,16 @@ def sparse_mm(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor
               bias: torch.Tensor | None = None) -> torch.Tensor:
     """``W @ x[b] + bias`` for every b, as (B, O, M), with W (O, K) row-compressed:
     ``row_ptr`` (O + 1, int32), ``col_idx`` (nnz; int16 read as unsigned, or int32)
-    and ``values`` (nnz); ``x`` is (B, K, M) in the values' dtype."""
+    and ``values`` (nnz); ``x`` is (B, K, M) in the values' dtype. A 2-D ``x``
+    (N, K) is Linear's layout: the result is ``x @ W.T + bias``, (N, O)."""
     return torch.ops.fastprune.sparse_mm(row_ptr, col_idx, values, x, bias)
 
 
 def sparse_mm_values_grad(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor, x: torch.Tensor,
                           dy: torch.Tensor) -> torch.Tensor:
     """Gradient of :func:`sparse_mm`'s output w.r.t. ``values`` for output gradient ``dy``
-    (B, O, M): ``dv[j] = sum_b <dy[b, row_j], x[b, col_j]>``."""
+    (B, O, M): ``dv[j] = sum_b <dy[b, row_j], x[b, col_j]>``; or ``x`` (N, K) and
+    ``dy`` (N, O) in Linear's layout."""
     return torch.ops.fastprune.sparse_mm_values_grad(row_ptr, col_idx, values, x, dy)
 
 

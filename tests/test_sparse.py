@@ -64,8 +64,8 @@ def test_int32_columns_beyond_16_bits():
 def test_sparse_mm_errors():
     mask = random_mask(4, 6, 0.5)
     csr, values = csr_of(torch.randn(4, 6), mask)
-    with pytest.raises(RuntimeError, match=r"x must be \(B, K, M\)"):
-        _ops.sparse_mm(csr.row_ptr, csr.col_idx, values, torch.randn(6, 2))
+    with pytest.raises(RuntimeError, match=r"x must be \(B, K, M\) or \(N, K\)"):
+        _ops.sparse_mm(csr.row_ptr, csr.col_idx, values, torch.randn(6))
     with pytest.raises(RuntimeError, match="Double"):
         _ops.sparse_mm(csr.row_ptr, csr.col_idx, values, torch.randn(1, 6, 2, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="int32"):

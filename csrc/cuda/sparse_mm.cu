@@ -94,7 +94,7 @@ void with_index_type(const at::Tensor& col_idx, F&& f) {
   else f(int32_t{});
 }
 
-at::Tensor sparse_mm_cuda(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& values,
+at::Tensor sparse_mm_cuda_3d(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& values,
                           const at::Tensor& x_in, const std::optional<at::Tensor>& bias_in) {
   check_csr(row_ptr, col_idx, values, "sparse_mm");
   check_activations(x_in, values, "sparse_mm");
@@ -134,7 +134,7 @@ at::Tensor sparse_mm_cuda(const at::Tensor& row_ptr, const at::Tensor& col_idx, 
   return out;
 }
 
-at::Tensor sparse_mm_values_grad_cuda(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& values,
+at::Tensor sparse_mm_values_grad_cuda_3d(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& values,
                                       const at::Tensor& x_in, const at::Tensor& dy_in) {
   check_csr(row_ptr, col_idx, values, "sparse_mm_values_grad");
   check_activations(x_in, values, "sparse_mm_values_grad");
@@ -157,6 +157,19 @@ at::Tensor sparse_mm_values_grad_cuda(const at::Tensor& row_ptr, const at::Tenso
     });
   });
   return dv;
+}
+
+at::Tensor sparse_mm_cuda(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& values,
+                         const at::Tensor& x, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 || x.dim() == 3, "sparse_mm: x must be (B, K, M) or (N, K), got ", x.sizes());
+  return from_columns(sparse_mm_cuda_3d(row_ptr, col_idx, values, as_columns(x), bias), x);
+}
+
+at::Tensor sparse_mm_values_grad_cuda(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& values,
+                                     const at::Tensor& x, const at::Tensor& dy) {
+  TORCH_CHECK(x.dim() == dy.dim() && (x.dim() == 2 || x.dim() == 3), "sparse_mm_values_grad: x and dy must both be "
+              "(B, ., M) or both (N, .), got ", x.sizes(), " and ", dy.sizes());
+  return sparse_mm_values_grad_cuda_3d(row_ptr, col_idx, values, as_columns(x), as_columns(dy));
 }
 
 }  // namespace
