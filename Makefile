@@ -21,7 +21,8 @@ bench: $(VENV)/.built
 	cd benchmarks && ../$(PY) -m pytest -q . --benchmark-only --benchmark-json=../build/bench.json
 	$(PY) benchmarks/memory_peak.py > build/memory.md
 	$(PY) benchmarks/woodfisher_runs.py > build/woodfisher.md
-	$(PY) benchmarks/report.py build/bench.json build/memory.md build/woodfisher.md > benchmarks/RESULTS.md
+	$(PY) benchmarks/sparse_runs.py > build/sparse.md
+	$(PY) benchmarks/report.py build/bench.json build/memory.md build/woodfisher.md build/sparse.md > benchmarks/RESULTS.md
 
 build: $(VENV)/.built
 

@@ -51,6 +51,7 @@ def main(bench_json, memory_md=None, *extra_md):
         ("global-threshold", "fastprune", "Global threshold (k-th smallest of 25.5 M scores in 54 tensors)", ""),
         ("fisher-inverse", "fastprune", "Blocked inverse Fisher, d = 65536, diag(F^-1) of every block", ""),
         ("masked-step", "fastprune", "Masked optimizer step, 10 M parameters at 90 % sparsity", ""),
+        ("sparse-linear", "fastprune", "Sparse Linear forward, float32", ""),
     ]
     for prefix, baseline, title, unit in sections:
         for group in sorted(g for g in groups if g.startswith(prefix)):

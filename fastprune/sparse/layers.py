@@ -136,18 +136,17 @@ class _SparseModule(nn.Module):
     def weight_mask(self) -> torch.Tensor:
         return self.csr.mask().reshape(self.weight_shape)
 
-    def _mm(self, x3: torch.Tensor) -> torch.Tensor:
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
         """The op on x (B, K, M) or (N, K), through autograd only when a gradient is needed."""
-        if x3.dtype != self.values.dtype:
-            raise TypeError(f"{type(self).__name__} holds {self.values.dtype} weights but got a {x3.dtype} input; "
+        values, bias = self.values, self.bias
+        if x.dtype != values.dtype:
+            raise TypeError(f"{type(self).__name__} holds {values.dtype} weights but got a {x.dtype} input; "
                             "cast the input or the module (module.to(dtype))")
-        needs_grad = torch.is_grad_enabled() and (x3.requires_grad or self.values.requires_grad or
-                                                  (self.bias is not None and self.bias.requires_grad))
-        if needs_grad:
-            return _SparseMM.apply(x3, self.values, self.bias, self.csr)
-        # Inference skips autograd.Function's bookkeeping (about 10 us a call).
-        csr = self.csr
-        return _ops.sparse_mm(csr.row_ptr, csr.col_idx, self.values, x3, self.bias)
+        if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad or
+                                        (bias is not None and bias.requires_grad)):
+            return _SparseMM.apply(x, values, bias, self.csr)
+        # Inference calls the op directly: autograd.Function's bookkeeping costs about 10 us.
+        return _ops.sparse_mm(self.row_ptr, self.col_idx, values, x, bias)
 
 
 def _prod(shape) -> int:
