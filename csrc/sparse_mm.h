@@ -33,10 +33,38 @@ inline void check_activations(const at::Tensor& x, const at::Tensor& values, con
   TORCH_CHECK(x.device() == values.device(), op, ": x is on ", x.device(), " but the weight is on ", values.device());
 }
 
-// Linear's (N, K) layout as the kernels' (1, K, N), and back.
-inline at::Tensor as_columns(const at::Tensor& x) { return x.dim() == 2 ? x.t().unsqueeze(0) : x; }
-inline at::Tensor from_columns(const at::Tensor& out, const at::Tensor& x) {
-  return x.dim() == 2 ? out.squeeze(0).t().contiguous() : out;
+// The bias (O,), contiguous, or an undefined tensor without one.
+inline at::Tensor checked_bias(const std::optional<at::Tensor>& bias, int64_t O, const at::Tensor& values) {
+  if (!bias) return at::Tensor();
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == O && bias->scalar_type() == values.scalar_type(),
+              "sparse_mm: bias must be (", O, ",) of the weight dtype, got ", bias->sizes());
+  return bias->contiguous();
+}
+
+inline void check_output_grad(const at::Tensor& dy, int64_t B, int64_t O, int64_t M, const at::Tensor& values) {
+  TORCH_CHECK(dy.dim() == 3 && dy.size(0) == B && dy.size(1) == O && dy.size(2) == M &&
+                  dy.scalar_type() == values.scalar_type(),
+              "sparse_mm_values_grad: dy must be (", B, ", ", O, ", ", M, ") of the weight dtype, got ", dy.sizes());
+}
+
+// The ops on either layout, given a backend's (B, K, M) implementations: Linear's
+// (N, K) goes through (1, K, N) and back (no copies at N = 1).
+template <typename Impl>
+at::Tensor sparse_mm_any_layout(Impl impl, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                const at::Tensor& values, const at::Tensor& x,
+                                const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 || x.dim() == 3, "sparse_mm: x must be (B, K, M) or (N, K), got ", x.sizes());
+  if (x.dim() == 3) return impl(row_ptr, col_idx, values, x, bias);
+  return impl(row_ptr, col_idx, values, x.t().unsqueeze(0), bias).squeeze(0).t().contiguous();
+}
+
+template <typename Impl>
+at::Tensor values_grad_any_layout(Impl impl, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                  const at::Tensor& values, const at::Tensor& x, const at::Tensor& dy) {
+  TORCH_CHECK(x.dim() == dy.dim() && (x.dim() == 2 || x.dim() == 3), "sparse_mm_values_grad: x and dy must both "
+              "be (B, ., M) or both (N, .), got ", x.sizes(), " and ", dy.sizes());
+  if (x.dim() == 3) return impl(row_ptr, col_idx, values, x, dy);
+  return impl(row_ptr, col_idx, values, x.t().unsqueeze(0), dy.t().unsqueeze(0));
 }
 
 }  // namespace fastprune

@@ -7,7 +7,7 @@ Quick start::
     fastprune.sparsity_report(model)
     fastprune.remove_masks(model)  # make it permanent
 """
-from . import _ops, criteria, loops, optim, schedules  # noqa: F401  (_ops loads the op library, failing clearly if it is missing)
+from . import _ops, criteria, loops, optim, schedules, sparse  # noqa: F401  (_ops loads the op library, failing clearly if it is missing)
 from ._ops import empty_cache, kth_smallest
 from .blocks import FisherBlocks, per_sample_gradients
 from .fisher import fisher_diag
@@ -17,5 +17,5 @@ from .report import sparsity_report
 from .targets import find_targets
 
 __version__ = "0.1.0"
-__all__ = ["prune", "optim", "schedules", "loops", "fisher_diag", "FisherBlocks", "per_sample_gradients", "criteria", "apply_masks", "remove_masks", "load_pruned_state_dict", "sparsity_report",
+__all__ = ["prune", "optim", "schedules", "loops", "sparse", "fisher_diag", "FisherBlocks", "per_sample_gradients", "criteria", "apply_masks", "remove_masks", "load_pruned_state_dict", "sparsity_report",
            "find_targets", "geometric_schedule", "kth_smallest", "empty_cache"]

@@ -102,12 +102,7 @@ at::Tensor sparse_mm_cuda_3d(const at::Tensor& row_ptr, const at::Tensor& col_id
   const int64_t O = row_ptr.size(0) - 1, B = x_in.size(0), K = x_in.size(1), M = x_in.size(2);
   TORCH_CHECK(B <= 65535, "sparse_mm: at most 65535 right-hand sides on CUDA, got ", B);
   const at::Tensor x = x_in.contiguous();
-  at::Tensor bias;
-  if (bias_in) {
-    TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == O && bias_in->scalar_type() == values.scalar_type(),
-                "sparse_mm: bias must be (", O, ",) of the weight dtype, got ", bias_in->sizes());
-    bias = bias_in->contiguous();
-  }
+  const at::Tensor bias = checked_bias(bias_in, O, values);
   at::Tensor out = at::empty({B, O, M}, x.options());
   if (out.numel() == 0) return out;
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -140,9 +135,7 @@ at::Tensor sparse_mm_values_grad_cuda_3d(const at::Tensor& row_ptr, const at::Te
   check_activations(x_in, values, "sparse_mm_values_grad");
   const c10::cuda::CUDAGuard guard(values.device());
   const int64_t O = row_ptr.size(0) - 1, B = x_in.size(0), K = x_in.size(1), M = x_in.size(2);
-  TORCH_CHECK(dy_in.dim() == 3 && dy_in.size(0) == B && dy_in.size(1) == O && dy_in.size(2) == M &&
-                  dy_in.scalar_type() == values.scalar_type(),
-              "sparse_mm_values_grad: dy must be (", B, ", ", O, ", ", M, ") of the weight dtype, got ", dy_in.sizes());
+  check_output_grad(dy_in, B, O, M, values);
   const at::Tensor x = x_in.contiguous(), dy = dy_in.contiguous();
   at::Tensor dv = at::empty_like(values);
   if (O == 0 || dv.numel() == 0) return dv;
@@ -161,15 +154,12 @@ at::Tensor sparse_mm_values_grad_cuda_3d(const at::Tensor& row_ptr, const at::Te
 
 at::Tensor sparse_mm_cuda(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& values,
                          const at::Tensor& x, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 || x.dim() == 3, "sparse_mm: x must be (B, K, M) or (N, K), got ", x.sizes());
-  return from_columns(sparse_mm_cuda_3d(row_ptr, col_idx, values, as_columns(x), bias), x);
+  return sparse_mm_any_layout(sparse_mm_cuda_3d, row_ptr, col_idx, values, x, bias);
 }
 
 at::Tensor sparse_mm_values_grad_cuda(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& values,
                                      const at::Tensor& x, const at::Tensor& dy) {
-  TORCH_CHECK(x.dim() == dy.dim() && (x.dim() == 2 || x.dim() == 3), "sparse_mm_values_grad: x and dy must both be "
-              "(B, ., M) or both (N, .), got ", x.sizes(), " and ", dy.sizes());
-  return sparse_mm_values_grad_cuda_3d(row_ptr, col_idx, values, as_columns(x), as_columns(dy));
+  return values_grad_any_layout(sparse_mm_values_grad_cuda_3d, row_ptr, col_idx, values, x, dy);
 }
 
 }  // namespace
