@@ -47,24 +47,26 @@ inline void check_output_grad(const at::Tensor& dy, int64_t B, int64_t O, int64_
               "sparse_mm_values_grad: dy must be (", B, ", ", O, ", ", M, ") of the weight dtype, got ", dy.sizes());
 }
 
-// The ops on either layout, given a backend's (B, K, M) implementations: Linear's
-// (N, K) goes through (1, K, N) and back (no copies at N = 1).
-template <typename Impl>
-at::Tensor sparse_mm_any_layout(Impl impl, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+// The ops on either layout, given a backend's (B, K, M) implementations and a
+// transpose of 2-D tensors into contiguous memory: Linear's (N, K) goes through
+// (1, K, N) and back (views only at N = 1).
+template <typename Impl, typename Transpose>
+at::Tensor sparse_mm_any_layout(Impl impl, Transpose transpose, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                                 const at::Tensor& values, const at::Tensor& x,
                                 const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 || x.dim() == 3, "sparse_mm: x must be (B, K, M) or (N, K), got ", x.sizes());
   if (x.dim() == 3) return impl(row_ptr, col_idx, values, x, bias);
-  return impl(row_ptr, col_idx, values, x.t().unsqueeze(0), bias).squeeze(0).t().contiguous();
+  return transpose(impl(row_ptr, col_idx, values, transpose(x).unsqueeze(0), bias).squeeze(0));
 }
 
-template <typename Impl>
-at::Tensor values_grad_any_layout(Impl impl, const at::Tensor& row_ptr, const at::Tensor& col_idx,
-                                  const at::Tensor& values, const at::Tensor& x, const at::Tensor& dy) {
+template <typename Impl, typename Transpose>
+at::Tensor values_grad_any_layout(Impl impl, Transpose transpose, const at::Tensor& row_ptr,
+                                  const at::Tensor& col_idx, const at::Tensor& values, const at::Tensor& x,
+                                  const at::Tensor& dy) {
   TORCH_CHECK(x.dim() == dy.dim() && (x.dim() == 2 || x.dim() == 3), "sparse_mm_values_grad: x and dy must both "
               "be (B, ., M) or both (N, .), got ", x.sizes(), " and ", dy.sizes());
   if (x.dim() == 3) return impl(row_ptr, col_idx, values, x, dy);
-  return impl(row_ptr, col_idx, values, x.t().unsqueeze(0), dy.t().unsqueeze(0));
+  return impl(row_ptr, col_idx, values, transpose(x).unsqueeze(0), transpose(dy).unsqueeze(0));
 }
 
 }  // namespace fastprune

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "../buffer_cache.h"
 #include "../sparse_mm.h"
 
 namespace fastprune {
@@ -172,7 +173,7 @@ at::Tensor sparse_mm_cpu_3d(const at::Tensor& row_ptr, const at::Tensor& col_idx
   const int64_t O = row_ptr.size(0) - 1, B = x_in.size(0), K = x_in.size(1), M = x_in.size(2);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor bias = checked_bias(bias_in, O, values);
-  at::Tensor out = at::empty({B, O, M}, x.options());
+  at::Tensor out = empty_cached({B, O, M}, x.options());
   const auto tiles = column_tiles(M, 32 / values.element_size());
   const int64_t nt = static_cast<int64_t>(tiles.size()), items = B * nt * O;
   if (items == 0) return out;
@@ -238,14 +239,44 @@ at::Tensor sparse_mm_values_grad_cpu_3d(const at::Tensor& row_ptr, const at::Ten
   return dv;
 }
 
+// (R, C) -> contiguous (C, R) in 8 x 8 blocks (8 lines of a 4 KiB-strided side
+// still fit one L1 set), threads owning output rows.
+template <typename T>
+void transpose_blocked(const T* __restrict__ src, T* __restrict__ dst, int64_t R, int64_t C) {
+  constexpr int64_t kB = 8;
+  at::parallel_for(0, (C + kB - 1) / kB, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t c0 = b0 * kB; c0 < std::min(C, b1 * kB); c0 += kB) {
+      const int64_t c1 = std::min(C, c0 + kB);
+      for (int64_t r0 = 0; r0 < R; r0 += kB) {
+        const int64_t r1 = std::min(R, r0 + kB);
+        for (int64_t r = r0; r < r1; ++r)
+          for (int64_t c = c0; c < c1; ++c) dst[c * R + r] = src[r * C + c];
+      }
+    }
+  });
+}
+
+at::Tensor transpose_cpu(const at::Tensor& t) {
+  if (t.size(0) == 1 || t.size(1) == 1 || !at::isFloatingType(t.scalar_type()) ||
+      t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16) {
+    return t.t().contiguous();  // a view when one side is 1
+  }
+  const at::Tensor src = t.contiguous();
+  at::Tensor dst = empty_cached({t.size(1), t.size(0)}, t.options());
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "transpose_cpu", [&] {
+    transpose_blocked(src.const_data_ptr<scalar_t>(), dst.data_ptr<scalar_t>(), t.size(0), t.size(1));
+  });
+  return dst;
+}
+
 at::Tensor sparse_mm_cpu(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& values,
                          const at::Tensor& x, const std::optional<at::Tensor>& bias) {
-  return sparse_mm_any_layout(sparse_mm_cpu_3d, row_ptr, col_idx, values, x, bias);
+  return sparse_mm_any_layout(sparse_mm_cpu_3d, transpose_cpu, row_ptr, col_idx, values, x, bias);
 }
 
 at::Tensor sparse_mm_values_grad_cpu(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& values,
                                      const at::Tensor& x, const at::Tensor& dy) {
-  return values_grad_any_layout(sparse_mm_values_grad_cpu_3d, row_ptr, col_idx, values, x, dy);
+  return values_grad_any_layout(sparse_mm_values_grad_cpu_3d, transpose_cpu, row_ptr, col_idx, values, x, dy);
 }
 
 }  // namespace

@@ -152,14 +152,16 @@ at::Tensor sparse_mm_values_grad_cuda_3d(const at::Tensor& row_ptr, const at::Te
   return dv;
 }
 
+at::Tensor transpose_cuda(const at::Tensor& t) { return t.t().contiguous(); }
+
 at::Tensor sparse_mm_cuda(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& values,
                          const at::Tensor& x, const std::optional<at::Tensor>& bias) {
-  return sparse_mm_any_layout(sparse_mm_cuda_3d, row_ptr, col_idx, values, x, bias);
+  return sparse_mm_any_layout(sparse_mm_cuda_3d, transpose_cuda, row_ptr, col_idx, values, x, bias);
 }
 
 at::Tensor sparse_mm_values_grad_cuda(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& values,
                                      const at::Tensor& x, const at::Tensor& dy) {
-  return values_grad_any_layout(sparse_mm_values_grad_cuda_3d, row_ptr, col_idx, values, x, dy);
+  return values_grad_any_layout(sparse_mm_values_grad_cuda_3d, transpose_cuda, row_ptr, col_idx, values, x, dy);
 }
 
 }  // namespace
