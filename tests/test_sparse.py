@@ -47,6 +47,22 @@ def test_sparse_mm_matches_dense(o, k, m, b, dtype, kind):
     torch.testing.assert_close(dv, torch.einsum("bom,bkm->ok", dy, x)[mask], **tol)
 
 
+@pytest.mark.parametrize("n", [1, 3, 8, 13, 64, 150])
+@pytest.mark.parametrize("o", [1, 7, 21])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sparse_mm_linear_layout(n, o, dtype):
+    # (N, K) in, (N, O) out: written in blocks of rows, with ragged last blocks and column tiles.
+    mask = random_mask(o, 37, 0.4, "patterns")
+    weight = torch.randn(o, 37, dtype=dtype) * mask
+    csr, values = csr_of(weight, mask)
+    x, bias = torch.randn(37, n, dtype=dtype).t(), torch.randn(o, dtype=dtype)  # non-contiguous
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(_ops.sparse_mm(csr.row_ptr, csr.col_idx, values, x, bias), x @ weight.t() + bias, **tol)
+    dy = torch.randn(n, o, dtype=dtype)
+    torch.testing.assert_close(_ops.sparse_mm_values_grad(csr.row_ptr, csr.col_idx, values, x, dy),
+                               (dy.t() @ x)[mask], **tol)
+
+
 def test_int32_columns_beyond_16_bits():
     k = (1 << 16) + 5
     mask = torch.zeros(3, k, dtype=torch.bool)

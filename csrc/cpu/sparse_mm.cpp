@@ -64,7 +64,7 @@ std::vector<Tile> column_tiles(int64_t M, int64_t lanes) {
 template <typename T, typename I, int V>
 C10_ALWAYS_INLINE void row_tile(const int32_t* __restrict__ rp, const I* __restrict__ ci, const T* __restrict__ v,
                                 const T* __restrict__ xb, int64_t M, int64_t m0, int64_t o, T bias,
-                                T* __restrict__ orow) {
+                                T* __restrict__ dst) {
   using vec = typename Vec<T>::type;
   constexpr int L = Vec<T>::lanes, U = V >= 4 ? 1 : 4 / V;
   vec acc[U][V];
@@ -85,7 +85,7 @@ C10_ALWAYS_INLINE void row_tile(const int32_t* __restrict__ rp, const I* __restr
   }
   for (int u = 1; u < U; ++u)
     for (int k = 0; k < V; ++k) acc[0][k] += acc[u][k];
-  for (int k = 0; k < V; ++k) *reinterpret_cast<vec*>(orow + m0 + k * L) = acc[0][k] + bias;
+  for (int k = 0; k < V; ++k) *reinterpret_cast<vec*>(dst + k * L) = acc[0][k] + bias;
 }
 
 // Fewer than one vector of columns (M == 1 is Linear at batch 1): scalar
@@ -93,7 +93,7 @@ C10_ALWAYS_INLINE void row_tile(const int32_t* __restrict__ rp, const I* __restr
 template <typename T, typename I, int NW>
 C10_ALWAYS_INLINE void row_narrow(const int32_t* __restrict__ rp, const I* __restrict__ ci, const T* __restrict__ v,
                                   const T* __restrict__ xb, int64_t M, int64_t m0, int64_t o, T bias,
-                                  T* __restrict__ orow) {
+                                  T* __restrict__ dst) {
   T acc[4][NW] = {};
   const int32_t begin = rp[o], end = rp[o + 1];
   int32_t j = begin;
@@ -108,35 +108,58 @@ C10_ALWAYS_INLINE void row_narrow(const int32_t* __restrict__ rp, const I* __res
     const T* xr = xb + col(ci, j) * M + m0;
     for (int c = 0; c < NW; ++c) acc[0][c] += v[j] * xr[c];
   }
-  for (int c = 0; c < NW; ++c) orow[m0 + c] = (acc[0][c] + acc[1][c]) + (acc[2][c] + acc[3][c]) + bias;
+  for (int c = 0; c < NW; ++c) dst[c] = (acc[0][c] + acc[1][c]) + (acc[2][c] + acc[3][c]) + bias;
 }
 
+// Output row o over one column tile, written to dst (the tile's first column).
+template <typename T, typename I>
+C10_ALWAYS_INLINE void row_any(const int32_t* rp, const I* ci, const T* v, const T* xb, int64_t M, const Tile& tile,
+                               int64_t o, T bo, T* dst) {
+  constexpr int L = Vec<T>::lanes;
+  switch (tile.width / L) {
+    case 8: return row_tile<T, I, 8>(rp, ci, v, xb, M, tile.m0, o, bo, dst);
+    case 4: return row_tile<T, I, 4>(rp, ci, v, xb, M, tile.m0, o, bo, dst);
+    case 2: return row_tile<T, I, 2>(rp, ci, v, xb, M, tile.m0, o, bo, dst);
+    case 1: return row_tile<T, I, 1>(rp, ci, v, xb, M, tile.m0, o, bo, dst);
+  }
+  switch (tile.width) {  // under one vector: 1 to 7 floats or 1 to 3 doubles
+    case 1: return row_narrow<T, I, 1>(rp, ci, v, xb, M, tile.m0, o, bo, dst);
+    case 2: return row_narrow<T, I, 2>(rp, ci, v, xb, M, tile.m0, o, bo, dst);
+    case 3: return row_narrow<T, I, 3>(rp, ci, v, xb, M, tile.m0, o, bo, dst);
+    case 4: return row_narrow<T, I, 4>(rp, ci, v, xb, M, tile.m0, o, bo, dst);
+    case 5: return row_narrow<T, I, 5>(rp, ci, v, xb, M, tile.m0, o, bo, dst);
+    case 6: return row_narrow<T, I, 6>(rp, ci, v, xb, M, tile.m0, o, bo, dst);
+    default: return row_narrow<T, I, 7>(rp, ci, v, xb, M, tile.m0, o, bo, dst);
+  }
+}
+
+// Rows per work item when the output is (B, M, O): they are staged in a small
+// buffer and stored as runs of kRowBlock contiguous outputs per column, instead
+// of one 4-byte store per O-strided line (which thrashes L1 when O*4 is 4 KiB).
+constexpr int64_t kRowBlock = 8;
+
+// Work items [begin, end) of (b, column tile, row block); a row block is one row
+// for the (B, O, M) output and kRowBlock rows for (B, M, O) (rows_last).
 template <typename T, typename I>
 C10_ALWAYS_INLINE void spmm_items(const int32_t* rp, const I* ci, const T* v, const T* x, const T* bias, T* out,
                                   int64_t O, int64_t K, int64_t M, const Tile* tiles, int64_t num_tiles,
-                                  int64_t begin, int64_t end) {
+                                  int64_t begin, int64_t end, bool rows_last) {
   constexpr int L = Vec<T>::lanes;
+  const int64_t rows = rows_last ? kRowBlock : 1, blocks = (O + rows - 1) / rows;
+  alignas(32) T stage[kRowBlock][8 * L];
   for (int64_t item = begin; item < end; ++item) {
-    const int64_t o = item % O, t = (item / O) % num_tiles, b = item / (O * num_tiles);
+    const int64_t o0 = (item % blocks) * rows, t = (item / blocks) % num_tiles, b = item / (blocks * num_tiles);
+    const int64_t o1 = std::min(O, o0 + rows);
     const T* xb = x + b * K * M;
-    T* orow = out + (b * O + o) * M;
-    const T bo = bias ? bias[o] : T(0);
     const Tile tile = tiles[t];
-    switch (tile.width / L) {
-      case 8: row_tile<T, I, 8>(rp, ci, v, xb, M, tile.m0, o, bo, orow); break;
-      case 4: row_tile<T, I, 4>(rp, ci, v, xb, M, tile.m0, o, bo, orow); break;
-      case 2: row_tile<T, I, 2>(rp, ci, v, xb, M, tile.m0, o, bo, orow); break;
-      case 1: row_tile<T, I, 1>(rp, ci, v, xb, M, tile.m0, o, bo, orow); break;
-      default:
-        switch (tile.width) {  // under one vector: 1 to 7 floats or 1 to 3 doubles
-          case 1: row_narrow<T, I, 1>(rp, ci, v, xb, M, tile.m0, o, bo, orow); break;
-          case 2: row_narrow<T, I, 2>(rp, ci, v, xb, M, tile.m0, o, bo, orow); break;
-          case 3: row_narrow<T, I, 3>(rp, ci, v, xb, M, tile.m0, o, bo, orow); break;
-          case 4: row_narrow<T, I, 4>(rp, ci, v, xb, M, tile.m0, o, bo, orow); break;
-          case 5: row_narrow<T, I, 5>(rp, ci, v, xb, M, tile.m0, o, bo, orow); break;
-          case 6: row_narrow<T, I, 6>(rp, ci, v, xb, M, tile.m0, o, bo, orow); break;
-          default: row_narrow<T, I, 7>(rp, ci, v, xb, M, tile.m0, o, bo, orow);
-        }
+    if (!rows_last) {
+      row_any<T, I>(rp, ci, v, xb, M, tile, o0, bias ? bias[o0] : T(0), out + (b * O + o0) * M + tile.m0);
+      continue;
+    }
+    for (int64_t o = o0; o < o1; ++o) row_any<T, I>(rp, ci, v, xb, M, tile, o, bias ? bias[o] : T(0), stage[o - o0]);
+    for (int64_t m = 0; m < tile.width; ++m) {
+      T* orow = out + (b * M + tile.m0 + m) * O + o0;
+      for (int64_t r = 0; r < o1 - o0; ++r) orow[r] = stage[r][m];
     }
   }
 }
@@ -145,8 +168,8 @@ C10_ALWAYS_INLINE void spmm_items(const int32_t* rp, const I* ci, const T* v, co
 #define FASTPRUNE_SPMM_ENTRY(T, I)                                                                              \
   FASTPRUNE_CLONES void spmm_##T##_##I(const int32_t* rp, const I* ci, const T* v, const T* x, const T* bias,    \
                                        T* out, int64_t O, int64_t K, int64_t M, const Tile* tiles, int64_t nt, \
-                                       int64_t begin, int64_t end) {                                           \
-    spmm_items<T, I>(rp, ci, v, x, bias, out, O, K, M, tiles, nt, begin, end);                                \
+                                       int64_t begin, int64_t end, bool rows_last) {                           \
+    spmm_items<T, I>(rp, ci, v, x, bias, out, O, K, M, tiles, nt, begin, end, rows_last);                     \
   }
 FASTPRUNE_SPMM_ENTRY(float, int16_t)
 FASTPRUNE_SPMM_ENTRY(float, int32_t)
@@ -155,10 +178,10 @@ FASTPRUNE_SPMM_ENTRY(double, int32_t)
 
 template <typename T, typename I>
 void spmm_dispatch(const int32_t* rp, const I* ci, const T* v, const T* x, const T* bias, T* out, int64_t O,
-                   int64_t K, int64_t M, const Tile* tiles, int64_t nt, int64_t begin, int64_t end) {
+                   int64_t K, int64_t M, const Tile* tiles, int64_t nt, int64_t begin, int64_t end, bool rows_last) {
 #define FASTPRUNE_CALL(TT, II)                                                                               \
   if constexpr (std::is_same_v<T, TT> && std::is_same_v<I, II>)                                              \
-    return spmm_##TT##_##II(rp, ci, v, x, bias, out, O, K, M, tiles, nt, begin, end);
+    return spmm_##TT##_##II(rp, ci, v, x, bias, out, O, K, M, tiles, nt, begin, end, rows_last);
   FASTPRUNE_CALL(float, int16_t)
   FASTPRUNE_CALL(float, int32_t)
   FASTPRUNE_CALL(double, int16_t)
@@ -166,20 +189,22 @@ void spmm_dispatch(const int32_t* rp, const I* ci, const T* v, const T* x, const
 #undef FASTPRUNE_CALL
 }
 
-at::Tensor sparse_mm_cpu_3d(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& values,
-                         const at::Tensor& x_in, const std::optional<at::Tensor>& bias_in) {
+// x (B, K, M) -> (B, O, M), or (B, M, O) with rows_last.
+at::Tensor spmm_cpu(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& values,
+                    const at::Tensor& x_in, const std::optional<at::Tensor>& bias_in, bool rows_last) {
   check_csr(row_ptr, col_idx, values, "sparse_mm");
   check_activations(x_in, values, "sparse_mm");
   const int64_t O = row_ptr.size(0) - 1, B = x_in.size(0), K = x_in.size(1), M = x_in.size(2);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor bias = checked_bias(bias_in, O, values);
-  at::Tensor out = empty_cached({B, O, M}, x.options());
+  at::Tensor out = empty_cached(rows_last ? at::IntArrayRef{B, M, O} : at::IntArrayRef{B, O, M}, x.options());
   const auto tiles = column_tiles(M, 32 / values.element_size());
-  const int64_t nt = static_cast<int64_t>(tiles.size()), items = B * nt * O;
+  const int64_t rows = rows_last ? kRowBlock : 1;
+  const int64_t nt = static_cast<int64_t>(tiles.size()), items = B * nt * ((O + rows - 1) / rows);
   if (items == 0) return out;
   // About 4096 multiply-adds per task keeps the scheduling overhead small.
   const int64_t per_row = std::max<int64_t>(1, values.numel() / std::max<int64_t>(O, 1)) * std::min<int64_t>(M, 64);
-  const int64_t grain = std::max<int64_t>(1, 4096 / per_row);
+  const int64_t grain = std::max<int64_t>(1, 4096 / (per_row * rows));
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "sparse_mm_cpu", [&] {
     const auto run = [&](auto idx) {
       using I = decltype(idx);
@@ -187,7 +212,7 @@ at::Tensor sparse_mm_cpu_3d(const at::Tensor& row_ptr, const at::Tensor& col_idx
       at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
         spmm_dispatch<scalar_t, I>(row_ptr.const_data_ptr<int32_t>(), ci, values.const_data_ptr<scalar_t>(),
                                    x.const_data_ptr<scalar_t>(), bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
-                                   out.data_ptr<scalar_t>(), O, K, M, tiles.data(), nt, begin, end);
+                                   out.data_ptr<scalar_t>(), O, K, M, tiles.data(), nt, begin, end, rows_last);
       });
     };
     if (col_idx.scalar_type() == at::kShort) run(int16_t{});
@@ -269,9 +294,12 @@ at::Tensor transpose_cpu(const at::Tensor& t) {
   return dst;
 }
 
+// Linear's (N, K) layout is read through a transposed copy and written directly.
 at::Tensor sparse_mm_cpu(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& values,
                          const at::Tensor& x, const std::optional<at::Tensor>& bias) {
-  return sparse_mm_any_layout(sparse_mm_cpu_3d, transpose_cpu, row_ptr, col_idx, values, x, bias);
+  TORCH_CHECK(x.dim() == 2 || x.dim() == 3, "sparse_mm: x must be (B, K, M) or (N, K), got ", x.sizes());
+  if (x.dim() == 3) return spmm_cpu(row_ptr, col_idx, values, x, bias, false);
+  return spmm_cpu(row_ptr, col_idx, values, transpose_cpu(x).unsqueeze(0), bias, true).squeeze(0);
 }
 
 at::Tensor sparse_mm_values_grad_cpu(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& values,
