@@ -35,7 +35,8 @@ def table(rows, baseline, unit_note=""):
     for method, (t, info) in sorted(rows.items(), key=lambda kv: kv[1][0]):
         extra = f" {info['gflop'] / t:.1f} |" if unit_note else ""
         scaled = " (scaled)" if "scale" in info else ""
-        out.append(f"| {method}{scaled} | {t * 1e3:.2f} | {t / base:.2f} |{extra}")
+        ms = f"{t * 1e3:.3f}" if t < 1e-3 else f"{t * 1e3:.2f}"  # sub-millisecond kernels need the digit
+        out.append(f"| {method}{scaled} | {ms} | {t / base:.2f} |{extra}")
     return "\n".join(out)
 
 
