@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 __all__ = ["mlp", "train", "accuracy"]
 
@@ -18,12 +19,12 @@ def mlp(sizes=(64, 128, 64, 10)) -> nn.Sequential:
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 30, batch_size: int = 64,
-          lr: float = 1e-3, seed: int = 0) -> nn.Module:
+          lr: float = 1e-3, seed: int = 0, progress: bool = False) -> nn.Module:
     """Adam on cross-entropy; pruned weights stay pruned (torch's mask hook)."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
-    for _ in range(epochs):
+    for _ in tqdm(range(epochs), desc="train", disable=not progress, leave=False):
         for idx in torch.randperm(len(x), generator=gen).split(batch_size):
             opt.zero_grad()
             nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()

@@ -3,14 +3,14 @@ the repository, or ``$FASTPRUNE_SHARED``): MNIST and the public WoodFisher
 checkpoints (MLPNet on MNIST, ResNet-20 on CIFAR-10)."""
 from __future__ import annotations
 
-import gzip
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .data import load_idx_dataset
 
 __all__ = ["shared_dir", "load_mnist", "MLPNet", "load_mlpnet", "resnet20", "load_resnet20"]
 
@@ -27,24 +27,14 @@ def _need(path: Path) -> Path:
     return path
 
 
-def _idx(path: Path) -> np.ndarray:
-    with gzip.open(_need(path), "rb") as f:
-        raw = f.read()
-    dims = raw[3]
-    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims)]
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
-
-
 def load_mnist(split: str = "test", root: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """MNIST ``split`` ("train" or "test") as (N, 784) float32 normalised with
     (x / 255 - 0.1307) / 0.3081, and int64 labels."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    root = Path(root) if root is not None else shared_dir() / "data" / "mnist"
-    prefix = "train" if split == "train" else "t10k"
-    x = torch.from_numpy(_idx(root / f"{prefix}-images-idx3-ubyte.gz").astype(np.float32)).reshape(-1, 784)
-    y = torch.from_numpy(_idx(root / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64))
-    return (x / 255 - 0.1307) / 0.3081, y
+    x_tr, y_tr, x_te, y_te = load_idx_dataset("mnist", Path(root) if root is not None else
+                                              shared_dir() / "data" / "mnist")
+    return (x_tr, y_tr) if split == "train" else (x_te, y_te)
 
 
 class MLPNet(nn.Module):
