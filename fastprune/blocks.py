@@ -9,6 +9,8 @@ from torch import nn
 
 from . import _ops
 from .capture import check_batchnorm, plan_stats, run_passes
+from .distributed import all_reduce_sum, resolve_group
+from .inverse import _check_budget
 from .losses import resolve_loss
 from .targets import find_targets
 
@@ -43,6 +45,16 @@ class FisherBlocks:
     or those of ``modules``. Linear, Conv1d and Conv2d use the fused op; other layers
     use torch.func per-sample gradients. Only the empirical Fisher is collected.
 
+    With torch.distributed (``process_group``, default: the default group when
+    initialised), each rank accumulates its share of the data and ``blocks`` /
+    ``num_samples`` return the statistics of the union: they are collective calls,
+    so every rank makes them in the same order. ``state_dict`` / ``load_state_dict``
+    let a long collection resume where it stopped.
+
+    The blocks take ceil(P / B) * B * B values per tensor; if that exceeds
+    ``max_memory`` bytes (default: a fraction of the free memory) the constructor
+    raises before allocating anything.
+
     Example::
 
         fb = FisherBlocks(model, block_size=128)
@@ -51,19 +63,43 @@ class FisherBlocks:
         F0 = fb.blocks("fc1.weight")   # (num_blocks, 128, 128), mean over fb.num_samples
     """
 
-    def __init__(self, model: nn.Module, block_size: int, modules=None, bn: str = "raise", strict: bool = False):
+    def __init__(self, model: nn.Module, block_size: int, modules=None, bn: str = "raise", strict: bool = False,
+                 process_group=None, max_memory: int | None = None):
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
         self.model, self.block_size, self.bn = model, block_size, bn
         check_batchnorm(model, bn)
         self._targets = {t.name: t for t in find_targets(model, modules)}
         self._plan = plan_stats(model, strict=strict, keys=set(self._targets), grouped_only=True)
-        self._sums = {}
-        for name, t in self._targets.items():
-            acc = torch.float64 if t.param.dtype == torch.float64 else torch.float32
-            nb = math.ceil(t.numel / block_size)
-            self._sums[name] = torch.zeros(nb, block_size, block_size, dtype=acc, device=t.param.device)
-        self.num_samples = 0
+        shapes = {name: (math.ceil(t.numel / block_size), torch.float64 if t.param.dtype == torch.float64
+                         else torch.float32) for name, t in self._targets.items()}
+        need = sum(nb * block_size ** 2 * (8 if dt == torch.float64 else 4) for nb, dt in shapes.values())
+        device = next(iter(self._targets.values())).param.device
+        _check_budget(need, max_memory, device, f"FisherBlocks(block_size={block_size}) over {len(shapes)} tensors",
+                      "use a smaller block_size, the low-rank path (WoodFisher with num_grads < block_size) or fewer "
+                      "modules")
+        self._sums = {name: torch.zeros(nb, block_size, block_size, dtype=dt, device=self._targets[name].param.device)
+                      for name, (nb, dt) in shapes.items()}
+        self._count = 0
+        self._group = resolve_group(process_group)
+        # After a reduction every rank holds the global sums; rank 0 keeps them and the
+        # others restart from zero on their next batch, so the next reduction adds
+        # only what is new (no second copy of the blocks).
+        self._synced = False
+
+    @property
+    def num_samples(self) -> int:
+        """Samples accumulated (over all ranks with a process group: collective)."""
+        self._sync()
+        return self._count
+
+    def _sync(self) -> None:
+        if self._group is None or self._synced:
+            return
+        count = torch.tensor([float(self._count)], dtype=torch.float64,
+                             device=next(iter(self._sums.values())).device)
+        all_reduce_sum(list(self._sums.values()) + [count], self._group)
+        self._count, self._synced = int(count.item()), True
 
     @property
     def names(self) -> list[str]:
@@ -74,6 +110,12 @@ class FisherBlocks:
         """Adds one batch: one forward and one backward of the per-sample loss."""
         fn, _ = resolve_loss(loss_fn)
         bn_modules = check_batchnorm(self.model, self.bn)
+        if self._synced:
+            self._synced = False
+            if torch.distributed.get_rank(self._group) != 0:
+                for t in self._sums.values():
+                    t.zero_()
+                self._count = 0
         for m in bn_modules:
             m.eval()
         try:
@@ -96,7 +138,7 @@ class FisherBlocks:
         finally:
             for m in bn_modules:
                 m.train()
-        self.num_samples += len(inputs)
+        self._count += len(inputs)
 
     def _add_per_sample(self, key: str, ps: torch.Tensor) -> None:
         blocks = self._sums[key]
@@ -109,15 +151,36 @@ class FisherBlocks:
         pruned weights are zero (their gradients are masked)."""
         if name not in self._sums:
             raise KeyError(f"{name!r} is not collected; collected tensors are {self.names}")
-        if self.num_samples == 0:
+        self._sync()
+        if self._count == 0:
             raise ValueError("no samples accumulated yet: call accumulate(inputs, targets, loss_fn) first")
-        out = self._sums[name] / self.num_samples
+        out = self._sums[name] / self._count
         mask = self._targets[name].mask
         if mask is not None:
             nb, b = out.shape[:2]
             m = F.pad(mask.flatten().to(out.dtype), (0, nb * b - mask.numel())).view(nb, b)
             out = out * m.unsqueeze(2) * m.unsqueeze(1)
         return out
+
+
+    def state_dict(self) -> dict:
+        """The running sums, the sample count and the block size (this rank's share
+        with a process group), to resume an interrupted collection."""
+        return {"block_size": self.block_size, "count": self._count, "synced": self._synced,
+                "sums": {k: v.clone() for k, v in self._sums.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores :meth:`state_dict`; the block size and tensors must match."""
+        if state["block_size"] != self.block_size or set(state["sums"]) != set(self._sums):
+            raise ValueError(f"state is for block_size={state['block_size']} over {sorted(state['sums'])}, this "
+                             f"collector has block_size={self.block_size} over {sorted(self._sums)}")
+        for k, v in state["sums"].items():
+            if v.shape != self._sums[k].shape:
+                raise ValueError(f"state blocks of {k!r} have shape {tuple(v.shape)}, expected "
+                                 f"{tuple(self._sums[k].shape)}")
+        for k, v in state["sums"].items():
+            self._sums[k].copy_(v)
+        self._count, self._synced = int(state["count"]), bool(state["synced"])
 
 
 def per_sample_gradients(model: nn.Module, inputs: torch.Tensor, targets, loss_fn=None, modules=None,

@@ -7,6 +7,7 @@ from tqdm.auto import tqdm
 
 from . import _ops
 from .capture import check_batchnorm, iterate_batches, plan_stats, run_passes
+from .distributed import all_reduce_sum, resolve_group
 from .losses import FISHER_KINDS, fisher_passes, resolve_loss
 
 __all__ = ["fisher_diag"]
@@ -53,7 +54,7 @@ def _check_finite(sums: list[tuple[str, torch.Tensor]]) -> None:
 
 def fisher_diag(model: nn.Module, data, loss_fn=None, *, fisher: str = "empirical", mc_samples: int = 1,
                 modules=None, max_samples: int | None = None, return_grad: bool = False, bn: str = "raise",
-                strict: bool = False, seed: int = 0, progress: bool = True):
+                strict: bool = False, seed: int = 0, progress: bool = True, process_group=None):
     """Diagonal of the Fisher, (1/N) sum_n g_n**2, over the per-sample gradients g_n.
 
     One forward and one backward per batch (per Fisher pass) suffice: forward hooks
@@ -77,6 +78,10 @@ def fisher_diag(model: nn.Module, data, loss_fn=None, *, fisher: str = "empirica
         return_grad: also return the mean gradient of the loss at the true labels.
         seed: seeds the label draws of ``fisher="mc"``.
         progress: show a progress bar over batches.
+        process_group: with torch.distributed, each rank passes its share of the
+            data and every rank gets the statistics of the union (sums are
+            all-reduced). Default: the default group when initialised.
+            ``max_samples`` then applies per rank.
 
     Returns:
         ``{name: diag}`` keyed like ``named_parameters()`` (``_orig`` dropped), each the
@@ -110,6 +115,19 @@ def fisher_diag(model: nn.Module, data, loss_fn=None, *, fisher: str = "empirica
                     if tag != "fisher":
                         add(grad_sums, key, g)
             count += len(x)
+    group = resolve_group(process_group)
+    if group is not None:
+        # Every rank reduces the same tensors in the same order, used or not.
+        for store, needed in ((sq_sums, True), (grad_sums, return_grad)):
+            for k in plan.keys if needed else ():
+                if k not in store:
+                    p = plan.params[k]
+                    store[k] = torch.zeros(p.shape, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
+                                           device=p.device)
+        total = torch.tensor([float(count)], dtype=torch.float64, device=_device(model))
+        all_reduce_sum([sq_sums[k] for k in plan.keys] + ([grad_sums[k] for k in plan.keys] if return_grad else [])
+                       + [total], group)
+        count = int(total.item())
     if count == 0:
         raise ValueError("data yielded no samples")
     # A non-finite g_n makes its square non-finite too, so the squares cover the gradients

@@ -9,6 +9,7 @@ from torch.nn.utils import prune as torch_prune
 from tqdm.auto import tqdm
 
 from .criteria.base import Criterion
+from .distributed import broadcast_from_first, resolve_group
 from .masks import apply_masks, refresh_masked
 from .select import keep_counts, nm_masks, parse_pattern, threshold_masks
 from .targets import Target, find_targets
@@ -110,7 +111,7 @@ def _check_capacity(targets: list[Target], keep: list[int], sparsity: float, per
 def prune(model: nn.Module, criterion: Criterion, sparsity: float, *, data: Iterable | None = None,
           loss_fn=None, scope: str = "global", steps: int | None = None,
           modules: Iterable[str | type] | str | type | None = None, min_keep: int | float = 1,
-          pattern: str | None = None, progress: bool = True) -> dict[str, torch.Tensor]:
+          pattern: str | None = None, progress: bool = True, process_group=None) -> dict[str, torch.Tensor]:
     """Prunes ``model`` in place to ``sparsity`` using ``criterion``'s scores.
 
     Args:
@@ -137,6 +138,10 @@ def prune(model: nn.Module, criterion: Criterion, sparsity: float, *, data: Iter
             the layout semi-structured sparse kernels take. ``sparsity`` must be
             1 - N/M; the step is single (``steps`` 1) and ``scope`` does not apply.
         progress: show a progress bar over the steps.
+        process_group: with torch.distributed (default: the default group when
+            initialised), every rank ends with rank 0's masks and weight updates.
+            The Fisher diagonals of OBD/QM/Taylor are summed over the ranks' data;
+            WoodFisher's statistics come from each rank's own data (rank 0's decide).
 
     Returns:
         The applied keep-masks (bool, True = kept), keyed by parameter name as in
@@ -168,6 +173,7 @@ def prune(model: nn.Module, criterion: Criterion, sparsity: float, *, data: Iter
     if criterion.requires_data and data is None:
         raise ValueError(f"{criterion!r} needs data: pass data=... (batches of (inputs, targets)) and loss_fn")
     sparsity = float(sparsity)
+    group = resolve_group(process_group)
     targets = find_targets(model, modules)
     keep = keep_counts([t.numel for t in targets], min_keep)
 
@@ -195,6 +201,10 @@ def prune(model: nn.Module, criterion: Criterion, sparsity: float, *, data: Iter
             del scores
             masks = {t.name: m for t, m in zip(targets, new)}
             weights = criterion.compensate(model, current, {t.name: t.mask for t in targets}, masks)
+            # Every rank applies rank 0's decision, so a DDP model stays identical even for
+            # criteria whose statistics are not reduced across ranks (WoodFisher).
+            broadcast_from_first(list(masks.values()) + (list(weights.values()) if weights is not None else []),
+                                 group)
             if weights is not None:
                 _check_weights(criterion, weights, targets)
             apply_masks(model, masks)

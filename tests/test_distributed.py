@@ -1,0 +1,145 @@
+"""torch.distributed: statistics over 2 Gloo processes (spawned here, 127.0.0.1 only)
+equal the single-process statistics of the union of their data; pruning a DDP model
+leaves identical masks and weights on every rank; collections resume; budgets hold."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import fastprune
+from fastprune.criteria import QM, Magnitude, WoodFisher
+
+WORLD = 2
+
+
+def data():
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(24, 10, generator=gen, dtype=torch.float64), torch.randint(0, 4, (24,), generator=gen)
+
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 12), nn.ReLU(), nn.Linear(12, 4)).double()
+
+
+def shard(t, rank):
+    return t[rank::WORLD]
+
+
+def statistics(rank):
+    x, y = data()
+    xs, ys = shard(x, rank), shard(y, rank)
+    m = model()
+    diag, grad = fastprune.fisher_diag(m, [(xs[:5], ys[:5]), (xs[5:], ys[5:])], return_grad=True, progress=False)
+    true = fastprune.fisher_diag(m, [(xs, ys)], fisher="true", progress=False)
+    fb = fastprune.FisherBlocks(m, block_size=16)
+    fb.accumulate(xs[:4], ys[:4], "cross_entropy")
+    first = fb.blocks("0.weight").clone()
+    fb.accumulate(xs[4:], ys[4:], "cross_entropy")  # after a reduction: only new samples are added
+    return {"diag": diag, "grad": grad, "true": true, "blocks_first": first, "blocks": fb.blocks("0.weight"),
+            "count": fb.num_samples}
+
+
+def ddp_prune(rank):
+    x, y = data()
+    ddp = nn.parallel.DistributedDataParallel(model())
+    masks = fastprune.prune(ddp.module, QM(fisher="true"), 0.7, data=[(shard(x, rank), shard(y, rank))],
+                            steps=2, progress=False)
+    magnitude = fastprune.prune(ddp.module, Magnitude(), 0.8, progress=False)
+    state = {k: v.clone() for k, v in ddp.module.state_dict().items()}
+    # WoodFisher's statistics stay per rank: rank 0 decides and its masks and OBS updates are broadcast.
+    wf_model = model()
+    wf = fastprune.prune(wf_model, WoodFisher(block_size=8, num_grads=6, damp=1e-4), 0.6,
+                         data=[(shard(x, rank) + rank, shard(y, rank))], progress=False)
+    return {"masks": masks, "magnitude": magnitude, "state": state, "woodfisher": wf,
+            "woodfisher_state": {k: v.clone() for k, v in wf_model.state_dict().items()}}
+
+
+def _worker(rank, port, out_dir):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        torch.save({"statistics": statistics(rank), "ddp": ddp_prune(rank)}, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ranks")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(port, str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def test_statistics_equal_single_process_on_the_union(ranks):
+    x, y = data()
+    m = model()
+    diag, grad = fastprune.fisher_diag(m, [(x, y)], return_grad=True, progress=False)
+    true = fastprune.fisher_diag(m, [(x, y)], fisher="true", progress=False)
+    for r in ranks:
+        got = r["statistics"]
+        for k in diag:
+            torch.testing.assert_close(got["diag"][k], diag[k], rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(got["grad"][k], grad[k], rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(got["true"][k], true[k], rtol=1e-10, atol=1e-12)
+    fb = fastprune.FisherBlocks(m, block_size=16)
+    first = torch.cat([shard(x, r)[:4] for r in range(WORLD)]), torch.cat([shard(y, r)[:4] for r in range(WORLD)])
+    fb.accumulate(*first, "cross_entropy")
+    expected_first = fb.blocks("0.weight").clone()
+    rest = torch.cat([shard(x, r)[4:] for r in range(WORLD)]), torch.cat([shard(y, r)[4:] for r in range(WORLD)])
+    fb.accumulate(*rest, "cross_entropy")
+    for r in ranks:
+        got = r["statistics"]
+        assert got["count"] == len(x)
+        torch.testing.assert_close(got["blocks_first"], expected_first, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got["blocks"], fb.blocks("0.weight"), rtol=1e-10, atol=1e-12)
+
+
+def test_ddp_prune_identical_on_every_rank_and_as_one_process(ranks):
+    a, b = (r["ddp"] for r in ranks)
+    for key in ("masks", "magnitude", "state", "woodfisher", "woodfisher_state"):
+        assert a[key].keys() == b[key].keys()
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
+    x, y = data()
+    m = model()
+    masks = fastprune.prune(m, QM(fisher="true"), 0.7, data=[(x, y)], steps=2, progress=False)
+    for k in masks:
+        assert torch.equal(masks[k], a["masks"][k]), k
+
+
+def test_fisher_blocks_resume_equals_uninterrupted():
+    x, y = data()
+    m = model()
+    whole = fastprune.FisherBlocks(m, block_size=7)
+    for i in range(0, 24, 8):
+        whole.accumulate(x[i:i + 8], y[i:i + 8], "cross_entropy")
+    first = fastprune.FisherBlocks(m, block_size=7)
+    first.accumulate(x[:8], y[:8], "cross_entropy")
+    state = first.state_dict()
+    resumed = fastprune.FisherBlocks(model(), block_size=7)
+    resumed.load_state_dict(state)
+    for i in range(8, 24, 8):
+        resumed.accumulate(x[i:i + 8], y[i:i + 8], "cross_entropy")
+    assert resumed.num_samples == whole.num_samples == 24
+    for name in whole.names:
+        torch.testing.assert_close(resumed.blocks(name), whole.blocks(name))
+    with pytest.raises(ValueError, match="block_size=7"):
+        fastprune.FisherBlocks(m, block_size=8).load_state_dict(state)
+
+
+def test_fisher_blocks_budget_raises_before_allocating():
+    with pytest.raises(MemoryError, match=r"needs about \d+ MiB but max_memory allows 1 MiB; use a smaller block_size"):
+        fastprune.FisherBlocks(nn.Sequential(nn.Linear(1000, 1000)), block_size=1000, max_memory=1 << 20)
+
+
+def test_process_group_without_init_is_an_error():
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        fastprune.fisher_diag(model(), [data()], progress=False, process_group=object())
