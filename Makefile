@@ -23,7 +23,9 @@ bench: $(VENV)/.built
 	$(PY) benchmarks/memory_peak.py > build/memory.md
 	$(PY) benchmarks/woodfisher_runs.py > build/woodfisher.md
 	$(PY) benchmarks/sparse_runs.py > build/sparse.md
-	$(PY) benchmarks/report.py build/bench.json build/memory.md build/woodfisher.md build/sparse.md > benchmarks/RESULTS.md
+	$(PY) benchmarks/distributed_scaling.py > build/distributed.md
+	$(PY) benchmarks/report.py build/bench.json build/memory.md build/woodfisher.md build/sparse.md \
+		build/distributed.md > benchmarks/RESULTS.md
 
 build: $(VENV)/.built
 
