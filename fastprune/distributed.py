@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["resolve_group", "all_reduce_sum", "broadcast_from_first"]
+__all__ = ["resolve_group", "all_reduce_sum", "all_gather_rows", "broadcast_from_first"]
 
 
 def resolve_group(process_group=None):
@@ -39,6 +39,16 @@ def all_reduce_sum(tensors: list[torch.Tensor], group) -> None:
         for t in same:
             t.copy_(flat[offset: offset + t.numel()].view_as(t))
             offset += t.numel()
+
+
+def all_gather_rows(t: torch.Tensor, group) -> torch.Tensor:
+    """The rows of ``t`` from every rank of ``group``, concatenated in rank order
+    (every rank holds the same number of rows)."""
+    if group is None:
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts)
 
 
 def broadcast_from_first(tensors: list[torch.Tensor], group) -> None:

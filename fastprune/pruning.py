@@ -140,8 +140,8 @@ def prune(model: nn.Module, criterion: Criterion, sparsity: float, *, data: Iter
         progress: show a progress bar over the steps.
         process_group: with torch.distributed (default: the default group when
             initialised), every rank ends with rank 0's masks and weight updates.
-            The Fisher diagonals of OBD/QM/Taylor are summed over the ranks' data;
-            WoodFisher's statistics come from each rank's own data (rank 0's decide).
+            The statistics of OBD/QM/Taylor and WoodFisher are those of the union
+            of the ranks' data (WoodFisher: ``num_grads`` per rank).
 
     Returns:
         The applied keep-masks (bool, True = kept), keyed by parameter name as in

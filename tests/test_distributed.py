@@ -51,7 +51,7 @@ def ddp_prune(rank):
                             steps=2, progress=False)
     magnitude = fastprune.prune(ddp.module, Magnitude(), 0.8, progress=False)
     state = {k: v.clone() for k, v in ddp.module.state_dict().items()}
-    # WoodFisher's statistics stay per rank: rank 0 decides and its masks and OBS updates are broadcast.
+    # Different data per rank and a criterion with its own statistics: still identical everywhere.
     wf_model = model()
     wf = fastprune.prune(wf_model, WoodFisher(block_size=8, num_grads=6, damp=1e-4), 0.6,
                          data=[(shard(x, rank) + rank, shard(y, rank))], progress=False)
@@ -59,11 +59,26 @@ def ddp_prune(rank):
             "woodfisher_state": {k: v.clone() for k, v in wf_model.state_dict().items()}}
 
 
+WOODFISHER = {"dense": (8, 6), "lowrank": (64, 3)}  # (block_size, num_grads per rank): N = 12 >= 8, N = 6 < 64
+
+
+def woodfisher_union(rank):
+    x, y = data()
+    out = {}
+    for label, (block, grads) in WOODFISHER.items():
+        m = model()
+        masks = fastprune.prune(m, WoodFisher(block_size=block, num_grads=grads, damp=1e-3), 0.6,
+                                data=[(shard(x, rank)[:grads], shard(y, rank)[:grads])], progress=False)
+        out[label] = (masks, {k: v.clone() for k, v in m.state_dict().items()})
+    return out
+
+
 def _worker(rank, port, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     try:
-        torch.save({"statistics": statistics(rank), "ddp": ddp_prune(rank)}, os.path.join(out_dir, f"{rank}.pt"))
+        torch.save({"statistics": statistics(rank), "ddp": ddp_prune(rank), "woodfisher": woodfisher_union(rank)},
+                   os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -113,6 +128,22 @@ def test_ddp_prune_identical_on_every_rank_and_as_one_process(ranks):
     masks = fastprune.prune(m, QM(fisher="true"), 0.7, data=[(x, y)], steps=2, progress=False)
     for k in masks:
         assert torch.equal(masks[k], a["masks"][k]), k
+
+
+@pytest.mark.parametrize("label", list(WOODFISHER))
+def test_woodfisher_uses_the_union_of_the_ranks_gradients(ranks, label):
+    block, grads = WOODFISHER[label]
+    x, y = data()
+    union = (torch.cat([shard(x, r)[:grads] for r in range(WORLD)]), torch.cat([shard(y, r)[:grads] for r in range(WORLD)]))
+    m = model()
+    masks = fastprune.prune(m, WoodFisher(block_size=block, num_grads=WORLD * grads, damp=1e-3), 0.6, data=[union],
+                            progress=False)
+    for r in ranks:
+        got_masks, got_state = r["woodfisher"][label]
+        for k in masks:
+            assert torch.equal(got_masks[k], masks[k]), k
+        for k, v in m.state_dict().items():
+            torch.testing.assert_close(got_state[k], v, rtol=1e-9, atol=1e-11)
 
 
 def test_fisher_blocks_resume_equals_uninterrupted():

@@ -7,6 +7,7 @@ import math
 import torch
 
 from ..blocks import per_sample_gradients
+from ..distributed import all_gather_rows, all_reduce_sum, resolve_group
 from ..inverse import FisherInverse, _check_budget, _check_damp
 from ..masks import get_mask, split_param_name
 from ..obs import obs_scores, obs_update
@@ -46,6 +47,9 @@ class WoodFisher(Criterion):
     low-rank form (I - W^T W) / damp that never forms a B x B matrix. Use with
     ``fastprune.prune(model, WoodFisher(...), sparsity, data=loader, loss_fn=...,
     steps=k)``; more steps keep the quadratic model local and usually help a lot.
+    With torch.distributed initialised, each rank draws ``num_grads`` gradients from
+    its own data and the inverse is that of all of them (blocks reduced, low-rank
+    gradient sets gathered).
 
     Args:
         block_size: weights per block, or None for whole-tensor blocks.
@@ -91,7 +95,13 @@ class WoodFisher(Criterion):
     def _collect(self, model, params, alive, x, y, loss_fn):
         """{name: FisherInverse} and the mean gradients, from per-sample gradients formed
         in chunks; only alive weights enter the inverses (pruned ones have zero gradients)."""
-        m, n = self.fisher_mini_batch, self.num_grads
+        m = self.fisher_mini_batch
+        group = resolve_group()
+        # With torch.distributed every rank brings its own num_grads gradients: N is their total.
+        n = self.num_grads * (1 if group is None else torch.distributed.get_world_size(group))
+        if group is not None and len(x) != self.num_grads * m:
+            raise ValueError(f"with torch.distributed each rank needs num_grads * fisher_mini_batch = "
+                             f"{self.num_grads * m} samples, this rank's data gave {len(x)}")
         modules = [name.rpartition(".")[0] for name in params]
         total = sum(w.numel() for w in params.values())
         chunk = max(m, (_CHUNK_BYTES // (4 * total * m)) * m)
@@ -114,12 +124,14 @@ class WoodFisher(Criterion):
                 if k not in blocks:
                     blocks[k] = gs.new_zeros(gs.shape[0], gs.shape[2], gs.shape[2])
                 blocks[k].baddbmm_(gs.transpose(1, 2), gs)
+        # Same keys and shapes on every rank: one reduction covers the blocks and gradient sums.
+        all_reduce_sum([blocks[k] for k in params if k in blocks] + [grad_sum[k] for k in params], group)
         invs = {}
         for k, w in params.items():
             b = self._block(w.numel())
             if lowrank[k]:
                 parts = kept.pop(k)
-                grads = parts[0] if len(parts) == 1 else torch.cat(parts)
+                grads = all_gather_rows(parts[0] if len(parts) == 1 else torch.cat(parts), group)
                 invs[k] = FisherInverse.from_grads(grads, self.damp, b, alive[k], self.max_memory)
             else:
                 invs[k] = FisherInverse.from_blocks(blocks.pop(k).div_(n), self.damp, w.numel(), b, slots[k],
