@@ -81,6 +81,20 @@ def test_conv_sums_over_several_sample_tiles(monkeypatch):
     assert_stats(model, torch.randn(7, 6, 9, 8, dtype=torch.float64), torch.randint(0, 3, (7,)), batch=7)
 
 
+@pytest.mark.parametrize("cfg", [dict(), dict(stride=2, padding=1, dilation=2), dict(padding=(2, 1), stride=(1, 2)),
+                                 dict(padding=1, padding_mode="circular", bias=False)])
+@pytest.mark.parametrize("tile_bytes", [None, 3 * 27 * 8])
+def test_conv_stem_direct_route(cfg, tile_bytes, monkeypatch):
+    # Few inputs per filter and many positions: the diagonal's sums use the direct per-sample
+    # route (optionally over several sample tiles) instead of im2col.
+    if tile_bytes:
+        monkeypatch.setattr(fastprune.layers, "_UNFOLD_BYTES", tile_bytes)
+    conv = nn.Conv2d(3, 4, 3, **cfg)
+    assert conv.weight[0].numel() <= fastprune.layers.DIRECT_SUMS_MAX_FAN_IN
+    model = conv_model(conv, (3, 20, 22))
+    assert_stats(model, torch.randn(7, 3, 20, 22, dtype=torch.float64), torch.randint(0, 3, (7,)), batch=7)
+
+
 @pytest.mark.parametrize("cfg", [dict(), dict(stride=2, padding=1, dilation=2), dict(groups=5, padding="same"),
                                  dict(padding=2, padding_mode="replicate", bias=False)])
 def test_conv1d(cfg):
