@@ -24,6 +24,12 @@ inline void check_csr(const at::Tensor& row_ptr, const at::Tensor& col_idx, cons
               ": row_ptr, col_idx and values must be contiguous");
   TORCH_CHECK(row_ptr.device() == values.device() && col_idx.device() == values.device(), op,
               ": row_ptr, col_idx and values must be on one device");
+  // Reading the last offset is free on CPU (on CUDA it would synchronise the stream).
+  if (row_ptr.device().is_cpu()) {
+    const int32_t last = row_ptr.const_data_ptr<int32_t>()[row_ptr.size(0) - 1];
+    TORCH_CHECK(last == values.size(0), op, ": row_ptr ends at ", last, " but there are ", values.size(0),
+                " stored values; build the pattern with fastprune.sparse.CSRWeight.from_mask");
+  }
 }
 
 inline void check_activations(const at::Tensor& x, const at::Tensor& values, const char* op) {

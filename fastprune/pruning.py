@@ -139,9 +139,9 @@ def prune(model: nn.Module, criterion: Criterion, sparsity: float, *, data: Iter
             1 - N/M; the step is single (``steps`` 1) and ``scope`` does not apply.
         progress: show a progress bar over the steps.
         process_group: with torch.distributed (default: the default group when
-            initialised), every rank ends with rank 0's masks and weight updates.
-            The statistics of OBD/QM/Taylor and WoodFisher are those of the union
-            of the ranks' data (WoodFisher: ``num_grads`` per rank).
+            initialised), every rank of this group ends with its first rank's masks
+            and weight updates. The built-in criteria's statistics (OBD/QM/Taylor,
+            WoodFisher with ``num_grads`` per rank) are summed over the default group.
 
     Returns:
         The applied keep-masks (bool, True = kept), keyed by parameter name as in
@@ -201,8 +201,8 @@ def prune(model: nn.Module, criterion: Criterion, sparsity: float, *, data: Iter
             del scores
             masks = {t.name: m for t, m in zip(targets, new)}
             weights = criterion.compensate(model, current, {t.name: t.mask for t in targets}, masks)
-            # Every rank applies rank 0's decision, so a DDP model stays identical even for
-            # criteria whose statistics are not reduced across ranks (WoodFisher).
+            # Every rank applies rank 0's decision, so a DDP model stays identical whatever the
+            # criterion computes per rank (ties, a user criterion's own statistics).
             broadcast_from_first(list(masks.values()) + (list(weights.values()) if weights is not None else []),
                                  group)
             if weights is not None:

@@ -86,6 +86,8 @@ def test_sparse_mm_errors():
         _ops.sparse_mm(csr.row_ptr, csr.col_idx, values, torch.randn(1, 6, 2, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="int32"):
         _ops.sparse_mm(csr.row_ptr.long(), csr.col_idx, values, torch.randn(1, 6, 2))
+    with pytest.raises(RuntimeError, match="row_ptr ends at"):
+        _ops.sparse_mm(csr.row_ptr, csr.col_idx[:-1], values[:-1], torch.randn(1, 6, 2))
     with pytest.raises(RuntimeError, match="bias"):
         _ops.sparse_mm(csr.row_ptr, csr.col_idx, values, torch.randn(1, 6, 2), torch.randn(3))
 
@@ -160,6 +162,16 @@ def test_sparse_conv2d_matches_conv_and_autograd(kernel, stride, padding, dilati
     torch.testing.assert_close(dv, rw[mask])
 
 
+def test_sparse_modules_check_input_sizes():
+    lin, mask = pruned_linear(20, 11, 0.3)
+    sparse = SparseLinear.from_dense(lin, mask)
+    with pytest.raises(ValueError, match=r"inputs \(\.\.\., 20\), got \(2, 10\)"):
+        sparse(torch.randn(2, 10, dtype=torch.float64))
+    conv = SparseConv2d.from_dense(nn.Conv2d(5, 7, 3).double())
+    with pytest.raises(ValueError, match=r"inputs \(N, 5, H, W\), got \(2, 4, 9, 9\)"):
+        conv(torch.randn(2, 4, 9, 9, dtype=torch.float64))
+
+
 def test_sparse_conv2d_rejects_groups():
     with pytest.raises(ValueError, match="groups=1"):
         SparseConv2d.from_dense(nn.Conv2d(4, 4, 3, groups=2))
@@ -193,6 +205,8 @@ def test_to_sparse_round_trip(make, shape):
         grouped = next(c for c in report.layers if c.name == "4")
         assert grouped.kernel == "dense" and "grouped" in grouped.reason
     assert "sparsity" in str(report)
+    trainable = [m for m in converted.modules() if isinstance(m, (SparseLinear, SparseConv2d))]
+    assert trainable and all(m.values.requires_grad and m.bias.requires_grad for m in trainable)
     back = to_dense(converted)
     assert not any(isinstance(m, (SparseLinear, SparseConv2d)) for m in back.modules())
     for k, v in masks.items():

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..masks import apply_masks, get_mask
+from ..masks import apply_masks, get_mask, refresh_masked
 from .layers import SparseConv2d, SparseLinear, _SparseModule
 
 __all__ = ["to_sparse", "to_dense", "SparseReport", "LayerChoice"]
@@ -113,10 +113,13 @@ def to_sparse(model: nn.Module, example_input, min_sparsity: float = 0.7, calibr
         module = build.get(choice.name)
         if module is None:
             continue
+        # Outside no_grad: module.weight (= weight_orig * mask, recomputed here) then carries
+        # weight_orig's requires_grad, which the sparse module's values inherit.
+        mask = get_mask(module, "weight")
+        refresh_masked(module, "weight")
+        sparse = SparseLinear(module.weight, mask, module.bias) if isinstance(module, nn.Linear) \
+            else SparseConv2d(module, mask)
         with torch.no_grad():
-            weight = module.weight_orig * get_mask(module, "weight")
-            cls = SparseLinear if isinstance(module, nn.Linear) else SparseConv2d
-            sparse = cls.from_dense(_plain_copy(module, weight), get_mask(module, "weight"))
             if choice.name in inputs:
                 choice.dense_ms = _time_ms(module, inputs[choice.name], repeats)
                 choice.sparse_ms = _time_ms(sparse, inputs[choice.name], repeats)
@@ -126,19 +129,6 @@ def to_sparse(model: nn.Module, example_input, min_sparsity: float = 0.7, calibr
         choice.kernel, choice.reason = "sparse", ""
         _set_submodule(model, choice.name, sparse)
     return model, report
-
-
-def _plain_copy(module: nn.Module, weight: torch.Tensor) -> nn.Module:
-    """The layer without its pruning hook, holding the masked weight."""
-    plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None) \
-        if isinstance(module, nn.Linear) else nn.Conv2d(
-            module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-            module.dilation, module.groups, module.bias is not None, module.padding_mode)
-    plain = plain.to(device=weight.device, dtype=weight.dtype)
-    plain.weight = nn.Parameter(weight.clone(), requires_grad=module.weight_orig.requires_grad)
-    if module.bias is not None:
-        plain.bias = module.bias
-    return plain
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -171,6 +171,8 @@ class SparseLinear(_SparseModule):
         return cls(weight, weight != 0 if mask is None else mask, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"SparseLinear expects inputs (..., {self.in_features}), got {tuple(x.shape)}")
         if x.dim() == 2:
             return self._mm(x)
         return self._mm(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
@@ -209,6 +211,9 @@ class SparseConv2d(_SparseModule):
         return self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The kernel trusts the weight's column indices, so the input size is checked here.
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"SparseConv2d expects inputs (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
         n, _, h, w = x.shape
         if self._pointwise():
             return self._mm(x.reshape(n, self.in_channels, h * w)).reshape(n, self.out_channels, h, w)
