@@ -7,10 +7,13 @@ torch.distributed is initialised; ``process_group=None`` elsewhere means that.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
-__all__ = ["resolve_group", "all_reduce_sum", "all_gather_rows", "broadcast_from_first"]
+__all__ = ["resolve_group", "all_reduce_sum", "all_gather_rows", "broadcast_from_first", "block_spans",
+           "exchange_columns", "all_gather_spans"]
 
 
 def resolve_group(process_group=None):
@@ -61,3 +64,41 @@ def broadcast_from_first(tensors: list[torch.Tensor], group) -> None:
         dist.broadcast(buf, src=src, group=group)
         if buf is not t:
             t.copy_(buf.bool())
+
+
+def block_spans(numel: int, block_size: int, world: int) -> list[tuple[int, int]]:
+    """Splits the ``ceil(numel / block_size)`` blocks of a flattened tensor into ``world``
+    contiguous shares as even as possible; returns each share's [start, stop) in weights
+    (a share may be empty when there are fewer blocks than ranks)."""
+    nb = math.ceil(numel / block_size)
+    bounds = [r * (nb // world) + min(r, nb % world) for r in range(world + 1)]
+    return [(min(lo * block_size, numel), min(hi * block_size, numel)) for lo, hi in zip(bounds, bounds[1:])]
+
+
+def exchange_columns(mats: list[torch.Tensor], spans: list[list[tuple[int, int]]], group) -> list[torch.Tensor]:
+    """Each rank sends rank r the columns ``spans[i][r]`` of its ``mats[i]`` (rows =
+    samples, the same count on every rank) and gets back, for each ``i``, its own
+    columns of every rank's rows, stacked in rank order: one all-to-all moves each
+    per-sample gradient entry once, to the rank that owns its block."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    widths = [sum(s[r][1] - s[r][0] for s in spans) for r in range(world)]
+    # Gloo's all-to-all takes equal sizes only: pad every share to the widest.
+    send = [torch.nn.functional.pad(torch.cat([m[:, s[r][0]: s[r][1]] for m, s in zip(mats, spans)], 1),
+                                    (0, max(widths) - widths[r])) for r in range(world)]
+    recv = [torch.empty_like(send[0]) for _ in range(world)]
+    dist.all_to_all(recv, send, group=group)
+    return list(torch.cat(recv)[:, : widths[rank]].split([s[rank][1] - s[rank][0] for s in spans], dim=1))
+
+
+def all_gather_spans(shares: list[torch.Tensor], spans: list[list[tuple[int, int]]], group) -> list[torch.Tensor]:
+    """Inverse of sharding flat vectors by ``spans``: this rank holds ``shares[i]``, the
+    entries ``spans[i][rank]`` of vector ``i``; every rank gets the whole vectors
+    (one all-gather over a packed, padded buffer)."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    sizes = [sum(s[r][1] - s[r][0] for s in spans) for r in range(world)]
+    flat = torch.cat([t.reshape(-1) for t in shares]) if shares else torch.zeros(0)
+    buf = torch.nn.functional.pad(flat, (0, max(sizes) - sizes[rank]))
+    parts = [torch.empty_like(buf) for _ in range(world)]
+    dist.all_gather(parts, buf, group=group)
+    pieces = [p[:n].split([s[r][1] - s[r][0] for s in spans]) for r, (p, n) in enumerate(zip(parts, sizes))]
+    return [torch.cat([pieces[r][i] for r in range(world)]) for i in range(len(spans))]

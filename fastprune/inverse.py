@@ -160,7 +160,9 @@ class FisherInverse:
         """Gradients (N, numel) -> (nb, N, K) at the slots, zero in invalid slots."""
         nb, k = index.shape
         g = _blocked(grads.T, nb, block_size)  # (nb, B, N)
-        if k < block_size:
+        # The slots are the block positions in order only when every weight is alive; with
+        # any pruned weight (even with a full slot count) alive positions come first.
+        if k < block_size or not bool(valid.all()):
             g = g.gather(1, index.unsqueeze(2).expand(-1, -1, g.shape[2])) * valid.unsqueeze(2)
         return g.transpose(1, 2)
 

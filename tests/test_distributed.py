@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import fastprune
-from fastprune.criteria import QM, Magnitude, WoodFisher
+from fastprune.criteria import QM, Magnitude, WoodFisher, WoodTaylor
 
 WORLD = 2
 
@@ -59,18 +59,36 @@ def ddp_prune(rank):
             "woodfisher_state": {k: v.clone() for k, v in wf_model.state_dict().items()}}
 
 
-WOODFISHER = {"dense": (8, 6), "lowrank": (64, 3)}  # (block_size, num_grads per rank): N = 12 >= 8, N = 6 < 64
+# (block_size, num_grads per rank): N = 12 >= 8 gives dense blocks (15 and 6 of them: an uneven
+# split over 2 ranks), N = 6 < 64 the low-rank form (2 blocks and 1: one rank owns none of "2.weight").
+WOODFISHER = {"dense": (8, 6), "lowrank": (64, 3)}
+# Sharded runs: each configuration over two steps (the second on alive weights only), also WoodTaylor
+# with the exact group update.
+SHARDED = {f"{label}-{kind}": (block, grads, kind) for label, (block, grads) in WOODFISHER.items()
+           for kind in ("woodfisher", "woodtaylor-group")}
+
+
+def _criterion(kind, block, grads, **kw):
+    if kind == "woodfisher":
+        return WoodFisher(block_size=block, num_grads=grads, damp=1e-3, **kw)
+    return WoodTaylor(block_size=block, num_grads=grads, damp=1e-3, update="group", **kw)
 
 
 def woodfisher_union(rank):
     x, y = data()
-    out = {}
+    out, sharded = {}, {}
     for label, (block, grads) in WOODFISHER.items():
         m = model()
         masks = fastprune.prune(m, WoodFisher(block_size=block, num_grads=grads, damp=1e-3), 0.6,
                                 data=[(shard(x, rank)[:grads], shard(y, rank)[:grads])], progress=False)
         out[label] = (masks, {k: v.clone() for k, v in m.state_dict().items()})
-    return out
+    for label, (block, grads, kind) in SHARDED.items():
+        for shard_blocks in (False, True):
+            m = model()
+            masks = fastprune.prune(m, _criterion(kind, block, grads, shard_blocks=shard_blocks), 0.6, steps=2,
+                                    data=[(shard(x, rank)[:grads], shard(y, rank)[:grads])], progress=False)
+            sharded[label, shard_blocks] = (masks, {k: v.clone() for k, v in m.state_dict().items()})
+    return {"union": out, "sharded": sharded}
 
 
 def _worker(rank, port, out_dir):
@@ -139,11 +157,38 @@ def test_woodfisher_uses_the_union_of_the_ranks_gradients(ranks, label):
     masks = fastprune.prune(m, WoodFisher(block_size=block, num_grads=WORLD * grads, damp=1e-3), 0.6, data=[union],
                             progress=False)
     for r in ranks:
-        got_masks, got_state = r["woodfisher"][label]
+        got_masks, got_state = r["woodfisher"]["union"][label]
         for k in masks:
             assert torch.equal(got_masks[k], masks[k]), k
         for k, v in m.state_dict().items():
             torch.testing.assert_close(got_state[k], v, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("label", list(SHARDED))
+def test_block_sharding_gives_the_same_masks_and_weights(ranks, label):
+    """Each rank inverting only its share of the blocks changes nothing but the
+    summation order: same masks as the unsharded run, on both ranks, over two steps."""
+    block, grads, kind = SHARDED[label]
+    plain_masks, plain_state = ranks[0]["woodfisher"]["sharded"][label, False]
+    for r in ranks:
+        masks, state = r["woodfisher"]["sharded"][label, True]
+        for k in plain_masks:
+            assert torch.equal(masks[k], plain_masks[k]), k
+        for k, v in plain_state.items():
+            torch.testing.assert_close(state[k], v, rtol=1e-9, atol=1e-11)
+    x, y = data()
+    union = (torch.cat([shard(x, r)[:grads] for r in range(WORLD)]), torch.cat([shard(y, r)[:grads] for r in range(WORLD)]))
+    m = model()
+    fastprune.prune(m, _criterion(kind, block, WORLD * grads), 0.6, steps=2, data=[union], progress=False)
+    for k, v in m.state_dict().items():
+        torch.testing.assert_close(plain_state[k], v, rtol=1e-9, atol=1e-11)
+
+
+def test_block_spans_cover_every_block_once():
+    from fastprune.distributed import block_spans
+    assert block_spans(120, 8, 2) == [(0, 64), (64, 120)]
+    assert block_spans(48, 64, 2) == [(0, 48), (48, 48)]
+    assert block_spans(100, 7, 3) == [(0, 35), (35, 70), (70, 100)]
 
 
 def test_fisher_blocks_resume_equals_uninterrupted():

@@ -36,10 +36,13 @@ CASES = [(20, 300, None), (7, 130, 32), (50, 130, 32), (100, 70, 16), (1, 5, 3),
 
 @pytest.mark.parametrize("n,p,b", CASES)
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-8), (torch.float32, 1e-4)])
-@pytest.mark.parametrize("pruned", [False, True])
+@pytest.mark.parametrize("pruned", [None, "random", "one-block-whole"])
 def test_inverse_matches_explicit(n, p, b, dtype, tol, pruned):
     grads = torch.randn(n, p, dtype=torch.float64) * 0.3
     alive = (torch.rand(p) > 0.4) if pruned else None
+    if pruned == "one-block-whole":  # a full slot count while other blocks have pruned weights
+        alive[: p if b is None else min(b, p)] = True
+        alive[-1] = False
     if alive is not None:
         grads = grads * alive  # pruned weights have zero gradients
     damp = 1e-3

@@ -2,12 +2,14 @@
 WoodFisher (Singh & Alistarh, 2020) and its gradient-aware variant WoodTaylor."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 from ..blocks import per_sample_gradients
-from ..distributed import all_gather_rows, all_reduce_sum, resolve_group
+from ..distributed import (all_gather_rows, all_gather_spans, all_reduce_sum, block_spans, exchange_columns,
+                           resolve_group)
 from ..inverse import FisherInverse, _check_budget, _check_damp
 from ..masks import get_mask, split_param_name
 from ..obs import obs_scores, obs_update
@@ -49,7 +51,12 @@ class WoodFisher(Criterion):
     steps=k)``; more steps keep the quadratic model local and usually help a lot.
     With torch.distributed initialised, each rank draws ``num_grads`` gradients from
     its own data and the inverse is that of all of them (blocks reduced, low-rank
-    gradient sets gathered).
+    gradient sets gathered). With ``shard_blocks=True`` each rank instead owns a
+    contiguous share of every tensor's blocks: one all-to-all per chunk of samples
+    sends each per-sample gradient entry to the rank that owns its block, each rank
+    accumulates and inverts only its share (about 1/world of the memory), and the
+    scores and weight updates are all-gathered. Blocks are independent, so the result
+    is the unsharded one up to floating-point summation order.
 
     Args:
         block_size: weights per block, or None for whole-tensor blocks.
@@ -57,14 +64,17 @@ class WoodFisher(Criterion):
         damp: dampening added to the Fisher diagonal (> 0).
         update: True, "group" or False (see above).
         fisher_mini_batch: samples averaged into each gradient.
-        max_memory: bytes the Fisher inverse may use (default: half the free memory).
+        max_memory: bytes the Fisher inverse may use on each rank (default: half the
+            free memory).
+        shard_blocks: under torch.distributed, split the blocks across ranks (see above).
     """
 
     requires_data = True
     _gradient_term = False
 
     def __init__(self, block_size: int | None = 128, num_grads: int = 1000, damp: float = 1e-5,
-                 update: bool | str = True, fisher_mini_batch: int = 1, max_memory: int | None = None):
+                 update: bool | str = True, fisher_mini_batch: int = 1, max_memory: int | None = None,
+                 shard_blocks: bool = False):
         if update not in (True, False, "group"):
             raise ValueError(f"update must be True, False or 'group', got {update!r}")
         self.block_size = _positive_int(block_size, "block_size", allow_none=True)
@@ -73,8 +83,11 @@ class WoodFisher(Criterion):
         self.update = update
         self.fisher_mini_batch = _positive_int(fisher_mini_batch, "fisher_mini_batch")
         self.max_memory = max_memory
+        self.shard_blocks = bool(shard_blocks)
         self._stream: SampleStream | None = None
-        self._pending: dict[str, tuple[FisherInverse, torch.Tensor | None]] = {}
+        self._pending: dict[str, tuple[FisherInverse | None, torch.Tensor | None]] = {}
+        self._spans: dict[str, list[tuple[int, int]]] = {}  # each rank's share of each tensor
+        self._group, self._rank = None, 0
 
     def _samples(self, data):
         if self._stream is None or self._stream.data is not data:
@@ -84,86 +97,121 @@ class WoodFisher(Criterion):
     def _block(self, numel: int) -> int:
         return numel if self.block_size is None else min(self.block_size, numel)
 
-    def _check_memory(self, params, device) -> None:
-        n, need = self.num_grads, 0
+    def _check_memory(self, params, device, world: int) -> None:
+        n, need = self.num_grads * world, 0
+        share = world if self.shard_blocks else 1
         for w in params.values():
             b = self._block(w.numel())
-            need += 4 * math.ceil(w.numel() / b) * (2 * n * b + 2 * n * n if n < b else 4 * b * b)
-        _check_budget(need, self.max_memory, device, f"WoodFisher with num_grads={n} and block_size={self.block_size}",
-                      "use a smaller block_size, or fewer num_grads than block_size for the low-rank path")
+            need += 4 * math.ceil(math.ceil(w.numel() / b) / share) * (2 * n * b + 2 * n * n if n < b else 4 * b * b)
+        hint = "use a smaller block_size, or fewer num_grads than block_size for the low-rank path"
+        if world > 1 and not self.shard_blocks:
+            hint += ", or shard_blocks=True to split the blocks across the ranks"
+        _check_budget(need, self.max_memory, device, f"WoodFisher with N={n} gradients and block_size={self.block_size}",
+                      hint)
 
     def _collect(self, model, params, alive, x, y, loss_fn):
-        """{name: FisherInverse} and the mean gradients, from per-sample gradients formed
-        in chunks; only alive weights enter the inverses (pruned ones have zero gradients)."""
-        m = self.fisher_mini_batch
-        group = resolve_group()
+        """{name: FisherInverse of this rank's share of the blocks} and the mean gradients
+        over that share, from per-sample gradients formed in chunks; only alive weights
+        enter the inverses (pruned ones have zero gradients)."""
+        m, group = self.fisher_mini_batch, self._group
+        shard = group is not None and self.shard_blocks
+        world = 1 if group is None else torch.distributed.get_world_size(group)
+        rank = self._rank
         # With torch.distributed every rank brings its own num_grads gradients: N is their total.
-        n = self.num_grads * (1 if group is None else torch.distributed.get_world_size(group))
+        n = self.num_grads * world
         if group is not None and len(x) != self.num_grads * m:
             raise ValueError(f"with torch.distributed each rank needs num_grads * fisher_mini_batch = "
                              f"{self.num_grads * m} samples, this rank's data gave {len(x)}")
         modules = [name.rpartition(".")[0] for name in params]
         total = sum(w.numel() for w in params.values())
         chunk = max(m, (_CHUNK_BYTES // (4 * total * m)) * m)
-        slots = {k: FisherInverse.slots(w.numel(), self._block(w.numel()), alive[k], w.device)
-                 for k, w in params.items()}
+        self._spans = {k: block_spans(w.numel(), self._block(w.numel()), world if shard else 1)
+                       for k, w in params.items()}
+        own = {k: self._spans[k][rank] for k in params}
+        alive = {k: None if a is None else self._share(k, a).bool() for k, a in alive.items()}
+        slots = {k: FisherInverse.slots(c1 - c0, self._block(params[k].numel()), alive[k], params[k].device)
+                 for k, (c0, c1) in own.items()}
         lowrank = {k: n < slots[k][0].shape[1] for k in params}
         kept: dict[str, list[torch.Tensor]] = {k: [] for k in params if lowrank[k]}
         blocks: dict[str, torch.Tensor] = {}
         grad_sum: dict[str, torch.Tensor] = {}
         for s0 in range(0, len(x), chunk):
             ps = per_sample_gradients(model, x[s0:s0 + chunk], y[s0:s0 + chunk], loss_fn, modules=modules)
+            ps = {k: ps[k] if m == 1 else ps[k].view(-1, m, ps[k].shape[1]).mean(1) for k in params}
+            if shard:  # every rank's gradients, restricted to the columns of this rank's blocks
+                ps = dict(zip(params, exchange_columns(list(ps.values()), list(self._spans.values()), group)))
             for k, g in ps.items():
-                if m > 1:
-                    g = g.view(-1, m, g.shape[1]).mean(1)
                 grad_sum[k] = g.sum(0) if k not in grad_sum else grad_sum[k] + g.sum(0)
                 if lowrank[k]:
                     kept[k].append(g)
                     continue
-                gs = FisherInverse.gather_slots(g, self._block(g.shape[1]), *slots[k])  # (nb, c, K)
+                gs = FisherInverse.gather_slots(g, self._block(params[k].numel()), *slots[k])  # (nb, c, K)
                 if k not in blocks:
                     blocks[k] = gs.new_zeros(gs.shape[0], gs.shape[2], gs.shape[2])
                 blocks[k].baddbmm_(gs.transpose(1, 2), gs)
-        # Same keys and shapes on every rank: one reduction covers the blocks and gradient sums.
-        all_reduce_sum([blocks[k] for k in params if k in blocks] + [grad_sum[k] for k in params], group)
+        if not shard:  # same keys and shapes on every rank: one reduction covers blocks and gradient sums
+            all_reduce_sum([blocks[k] for k in params if k in blocks] + [grad_sum[k] for k in params], group)
         invs = {}
         for k, w in params.items():
-            b = self._block(w.numel())
-            if lowrank[k]:
+            b, (c0, c1) = self._block(w.numel()), own[k]
+            if c1 == c0:  # more ranks than blocks: this rank owns none of this tensor
+                invs[k] = None
+            elif lowrank[k]:
                 parts = kept.pop(k)
-                grads = all_gather_rows(parts[0] if len(parts) == 1 else torch.cat(parts), group)
-                invs[k] = FisherInverse.from_grads(grads, self.damp, b, alive[k], self.max_memory)
+                grads = parts[0] if len(parts) == 1 else torch.cat(parts)
+                invs[k] = FisherInverse.from_grads(grads if shard else all_gather_rows(grads, group), self.damp, b,
+                                                   alive[k], self.max_memory)
             else:
-                invs[k] = FisherInverse.from_blocks(blocks.pop(k).div_(n), self.damp, w.numel(), b, slots[k],
+                invs[k] = FisherInverse.from_blocks(blocks.pop(k).div_(n), self.damp, c1 - c0, b, slots[k],
                                                     self.max_memory)
         return invs, {k: v / n for k, v in grad_sum.items()}
+
+    def _share(self, k: str, v: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the flattened ``v``."""
+        c0, c1 = self._spans[k][self._rank]
+        return v.flatten()[c0:c1]
+
+    def _whole(self, shares: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Flattened whole tensors from every rank's shares (no-op when unsharded)."""
+        if not (self._group is not None and self.shard_blocks):
+            return shares
+        dtype = functools.reduce(torch.promote_types, (v.dtype for v in shares.values()))
+        whole = all_gather_spans([v.to(dtype) for v in shares.values()], [self._spans[k] for k in shares],
+                                 self._group)
+        return dict(zip(shares, whole))
 
     def scores(self, model, params, data=None, loss_fn=None):
         if not params:
             return {}
-        self._check_memory(params, next(iter(params.values())).device)
+        self._group = resolve_group()
+        world = 1 if self._group is None else torch.distributed.get_world_size(self._group)
+        self._rank = torch.distributed.get_rank(self._group) if world > 1 and self.shard_blocks else 0
+        self._check_memory(params, next(iter(params.values())).device, world)
         x, y = self._samples(data)
         alive = {k: get_mask(*split_param_name(model, k)) for k in params}
         invs, grads = self._collect(model, params, alive, x, y, loss_fn)
-        self._pending, out = {}, {}
+        self._pending, shares = {}, {}
         for k, w in params.items():
-            newton = invs[k].mul(grads[k]) if self._gradient_term else None
-            self._pending[k] = (invs[k], newton)
-            out[k] = obs_scores(invs[k], w.flatten(), newton).view_as(w)
-        return out
+            inv = invs[k]
+            newton = inv.mul(grads[k]) if self._gradient_term and inv is not None else None
+            self._pending[k] = (inv, newton)
+            shares[k] = obs_scores(inv, self._share(k, w), newton) if inv is not None else self._share(k, w)
+        return {k: v.view_as(params[k]) for k, v in self._whole(shares).items()}
 
     def compensate(self, model, params, old_masks, new_masks):
         pending, self._pending = self._pending, {}
         if self.update is False:
             return None
-        out = {}
+        shares = {}
         for k, w in params.items():
             inv, newton = pending[k]
-            keep = new_masks[k].flatten().bool()
-            alive = torch.ones_like(keep) if old_masks.get(k) is None else old_masks[k].flatten().bool()
-            d = obs_update(inv, w.flatten(), alive & ~keep, newton, self.update == "group", self.max_memory)
-            out[k] = ((w.flatten() + d) * keep).view_as(w).to(w.dtype)
-        return out
+            keep = self._share(k, new_masks[k]).bool()
+            alive = torch.ones_like(keep) if old_masks.get(k) is None else self._share(k, old_masks[k]).bool()
+            shares[k] = obs_update(inv, self._share(k, w), alive & ~keep, newton, self.update == "group",
+                                   self.max_memory) if inv is not None else self._share(k, w)
+        moves = self._whole(shares)
+        return {k: ((w.flatten() + moves[k]) * new_masks[k].flatten()).view_as(w).to(w.dtype)
+                for k, w in params.items()}
 
 
 class WoodTaylor(WoodFisher):
