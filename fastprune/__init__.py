@@ -12,10 +12,10 @@ from ._ops import empty_cache, kth_smallest
 from .blocks import FisherBlocks, per_sample_gradients
 from .fisher import fisher_diag
 from .masks import apply_masks, load_pruned_state_dict, remove_masks
-from .pruning import geometric_schedule, prune
+from .pruning import Pruner, geometric_schedule, prune
 from .report import sparsity_report
 from .targets import find_targets
 
 __version__ = "0.1.0"
-__all__ = ["prune", "optim", "schedules", "loops", "sparse", "fisher_diag", "FisherBlocks", "per_sample_gradients", "criteria", "apply_masks", "remove_masks", "load_pruned_state_dict", "sparsity_report",
+__all__ = ["prune", "Pruner", "optim", "schedules", "loops", "sparse", "fisher_diag", "FisherBlocks", "per_sample_gradients", "criteria", "apply_masks", "remove_masks", "load_pruned_state_dict", "sparsity_report",
            "find_targets", "geometric_schedule", "kth_smallest", "empty_cache"]

@@ -10,11 +10,12 @@ from tqdm.auto import tqdm
 
 from .criteria.base import Criterion
 from .distributed import broadcast_from_first, resolve_group
+from .rng import get_rng_state, set_rng_state
 from .masks import apply_masks, refresh_masked
 from .select import keep_counts, nm_masks, parse_pattern, threshold_masks
 from .targets import Target, find_targets
 
-__all__ = ["prune", "geometric_schedule"]
+__all__ = ["prune", "Pruner", "geometric_schedule"]
 
 
 def geometric_schedule(sparsity: float, steps: int) -> list[float]:
@@ -108,13 +109,8 @@ def _check_capacity(targets: list[Target], keep: list[int], sparsity: float, per
                              "lower sparsity or min_keep")
 
 
-def prune(model: nn.Module, criterion: Criterion, sparsity: float, *, data: Iterable | None = None,
-          loss_fn=None, scope: str = "global", steps: int | None = None,
-          modules: Iterable[str | type] | str | type | None = None, min_keep: int | float = 1,
-          pattern: str | None = None, progress: bool = True, process_group=None) -> dict[str, torch.Tensor]:
-    """Prunes ``model`` in place to ``sparsity`` using ``criterion``'s scores.
-
-    Args:
+# The arguments Pruner and prune share, documented once and inserted after each "Args:".
+_ARGS_DOC = """
         model: any ``nn.Module``. Its ``weight`` tensors are reparametrised as
             ``torch.nn.utils.prune`` does (``weight_orig``, ``weight_mask``, a hook).
         criterion: a :class:`fastprune.criteria.Criterion`; lower scores go first.
@@ -137,81 +133,193 @@ def prune(model: nn.Module, criterion: Criterion, sparsity: float, *, data: Iter
             (Linear: the input features; Conv: in-channel x kernel positions),
             the layout semi-structured sparse kernels take. ``sparsity`` must be
             1 - N/M; the step is single (``steps`` 1) and ``scope`` does not apply.
-        progress: show a progress bar over the steps.
         process_group: with torch.distributed (default: the default group when
             initialised), every rank of this group ends with its first rank's masks
             and weight updates. The built-in criteria's statistics (OBD/QM/Taylor,
             WoodFisher with ``num_grads`` per rank) are summed over the default group.
+"""
+
+
+class Pruner:
+    """A pruning run that can be stopped and resumed: :func:`prune` one step at a time.
+
+    :meth:`step` takes the next step of the schedule (scores, masks, weight
+    compensation) and :meth:`run` takes all remaining ones. :meth:`state_dict`
+    records how far the run got, the criterion's own position (e.g. where
+    WoodFisher's ``num_grads`` sampling stopped in ``data``) and torch's RNG state;
+    the masks and weights live in the model's ``state_dict``. Saving both after a
+    step and loading both into fresh objects continues the run with the same
+    result as an uninterrupted one, provided ``data`` yields the same batches for
+    the same RNG state (a DataLoader with ``shuffle=True`` and ``num_workers=0`` or
+    seeded workers does).
+
+    Args:
+
+    Example::
+
+        pruner = fastprune.Pruner(model, WoodFisher(num_grads=1000), 0.95, data=loader,
+                                  loss_fn="cross_entropy", steps=16)
+        if os.path.exists("run.pt"):
+            ckpt = torch.load("run.pt")
+            fastprune.load_pruned_state_dict(model, ckpt["model"])
+            pruner.load_state_dict(ckpt["pruner"])
+        while not pruner.done:
+            pruner.step()
+            torch.save({"model": model.state_dict(), "pruner": pruner.state_dict()}, "run.pt")
+    """
+
+    def __init__(self, model: nn.Module, criterion: Criterion, sparsity: float, *, data: Iterable | None = None,
+                 loss_fn=None, scope: str = "global", steps: int | None = None,
+                 modules: Iterable[str | type] | str | type | None = None, min_keep: int | float = 1,
+                 pattern: str | None = None, process_group=None):
+        if not isinstance(criterion, Criterion):
+            raise TypeError(f"criterion must be a fastprune.criteria.Criterion, got {type(criterion).__name__}")
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"sparsity must be a fraction in [0, 1), got {sparsity!r} (0.9 prunes 90% of the "
+                             "weights)")
+        self.nm = None
+        if pattern is not None:
+            self.nm = parse_pattern(pattern)
+            n, m = self.nm
+            if abs(sparsity - (1 - n / m)) > 1e-9:
+                raise ValueError(f"pattern {pattern!r} prunes {m - n} of every {m} weights: pass sparsity={1 - n / m}")
+            if steps not in (None, 1):
+                raise ValueError(f"pattern {pattern!r} is applied in one step; drop steps={steps}")
+            steps = 1
+        if steps is None:
+            steps = criterion.default_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        if scope not in ("global", "layer"):
+            raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+        if criterion.requires_data and data is None:
+            raise ValueError(f"{criterion!r} needs data: pass data=... (batches of (inputs, targets)) and loss_fn")
+        self.model, self.criterion, self.sparsity = model, criterion, float(sparsity)
+        self.data, self.loss_fn, self.scope, self.steps = data, loss_fn, scope, steps
+        self.group = resolve_group(process_group)
+        self.targets = find_targets(model, modules)
+        self.keep = keep_counts([t.numel for t in self.targets], min_keep)
+        self.schedule = geometric_schedule(self.sparsity, steps)
+        #: Steps taken so far (0 .. steps).
+        self.completed = 0
+        final_alloc = criterion.allocation(self._params(), self.sparsity)
+        per_tensor = None if final_alloc is None else [final_alloc[t.name] for t in self.targets]
+        if self.nm is None:
+            _check_capacity(self.targets, self.keep, self.sparsity, per_tensor, scope)
+
+    @property
+    def done(self) -> bool:
+        """Whether every step of the schedule has been taken."""
+        return self.completed == self.steps
+
+    def _params(self) -> dict[str, torch.Tensor]:
+        return {t.name: t.weight.detach() for t in self.targets}
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Copies of the current keep-masks (bool), keyed like ``prune``'s result."""
+        return {t.name: (t.mask.to(torch.bool, copy=True) if t.mask is not None else torch.ones(t.shape, dtype=torch.bool,
+                                                                            device=t.param.device))
+                for t in self.targets}
+
+    def step(self) -> dict[str, torch.Tensor]:
+        """Takes the next step and returns the applied keep-masks. Everything is computed
+        before anything is written, so a failing step leaves the model as it was."""
+        if self.done:
+            raise RuntimeError(f"all {self.steps} steps are done; create a new Pruner to prune further")
+        targets, criterion = self.targets, self.criterion
+        step_sparsity = self.schedule[self.completed]
+        current = self._params()
+        scores = _check_scores(criterion, criterion.scores(self.model, current, self.data, self.loss_fn), targets)
+        alloc = criterion.allocation(current, step_sparsity)
+        amount = (step_sparsity if self.scope == "global" else [step_sparsity] * len(targets)) if alloc is None \
+            else [alloc[t.name] for t in targets]
+        if self.nm is None:
+            new = threshold_masks(scores, [t.mask for t in targets], self.keep, amount)
+        else:
+            new = nm_masks(scores, [t.mask for t in targets], [t.name for t in targets], *self.nm)
+        del scores
+        masks = {t.name: m for t, m in zip(targets, new)}
+        weights = criterion.compensate(self.model, current, {t.name: t.mask for t in targets}, masks)
+        # Every rank applies rank 0's decision, so a DDP model stays identical whatever the
+        # criterion computes per rank (ties, a user criterion's own statistics).
+        broadcast_from_first(list(masks.values()) + (list(weights.values()) if weights is not None else []),
+                             self.group)
+        if weights is not None:
+            _check_weights(criterion, weights, targets)
+        apply_masks(self.model, masks)
+        if weights is not None:
+            _write_weights(weights, targets)
+        self.completed += 1
+        return masks
+
+    def run(self, progress: bool = True) -> dict[str, torch.Tensor]:
+        """Takes every remaining step; if one fails, the model's weights and masks, and
+        :attr:`completed`, go back to what they were when ``run`` was called."""
+        snapshot = _Snapshot(self.targets) if self.steps - self.completed > 1 else None
+        start = self.completed
+        try:
+            for _ in tqdm(range(start, self.steps), desc="pruning", initial=start, total=self.steps,
+                          disable=not progress):
+                self.step()
+        except BaseException:
+            if snapshot is not None:
+                snapshot.restore()
+                self.completed = start
+            raise
+        return self.masks()
+
+    def state_dict(self) -> dict:
+        """How far the run got: steps taken, the schedule, the pruned tensors' names,
+        the criterion's state and torch's RNG state (save the model's ``state_dict`` with it)."""
+        return {"completed": self.completed, "steps": self.steps, "sparsity": self.sparsity,
+                "targets": [t.name for t in self.targets], "criterion": type(self.criterion).__name__,
+                "criterion_state": self.criterion.state_dict(), "rng": get_rng_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continues the run recorded by :meth:`state_dict`. Load the model's state dict
+        saved with it first (``fastprune.load_pruned_state_dict`` for a fresh model).
+        Also restores torch's RNG state, so shuffling and sampling continue unchanged."""
+        mine = self.state_dict()
+        for key in ("steps", "sparsity", "targets", "criterion"):
+            if state.get(key) != mine[key]:
+                raise ValueError(f"this state was saved by a run with {key}={state.get(key)!r}, but this Pruner has "
+                                 f"{key}={mine[key]!r}; create the Pruner with the same arguments")
+        done = state["completed"]
+        if done > 0:
+            total = sum(t.numel for t in self.targets)
+            pruned = sum(0 if t.mask is None else t.numel - int(t.mask.count_nonzero()) for t in self.targets)
+            if abs(pruned / total - self.schedule[done - 1]) > 0.02:
+                raise ValueError(f"the state is after step {done} (sparsity {self.schedule[done - 1]:.4f}) but the "
+                                 f"model's masks have sparsity {pruned / total:.4f}; load the model state_dict saved "
+                                 "with it first (fastprune.load_pruned_state_dict for an unpruned model)")
+        self.criterion.load_state_dict(state["criterion_state"])
+        set_rng_state(state["rng"])
+        self.completed = done
+
+
+def prune(model: nn.Module, criterion: Criterion, sparsity: float, *, data: Iterable | None = None,
+          loss_fn=None, scope: str = "global", steps: int | None = None,
+          modules: Iterable[str | type] | str | type | None = None, min_keep: int | float = 1,
+          pattern: str | None = None, progress: bool = True, process_group=None) -> dict[str, torch.Tensor]:
+    """Prunes ``model`` in place to ``sparsity`` using ``criterion``'s scores.
+
+    Args:
+        progress: show a progress bar over the steps.
 
     Returns:
         The applied keep-masks (bool, True = kept), keyed by parameter name as in
         ``model.named_parameters()`` without the ``_orig`` suffix.
 
-    On any error the model's weights and masks are left as they were.
+    On any error the model's weights and masks are left as they were. For a run that
+    can be checkpointed and resumed between steps, use :class:`Pruner`.
 
     Example::
 
         masks = fastprune.prune(model, fastprune.criteria.Magnitude(), 0.9)
     """
-    if not isinstance(criterion, Criterion):
-        raise TypeError(f"criterion must be a fastprune.criteria.Criterion, got {type(criterion).__name__}")
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be a fraction in [0, 1), got {sparsity!r} (0.9 prunes 90% of the weights)")
-    if pattern is not None:
-        n, m = parse_pattern(pattern)
-        if abs(sparsity - (1 - n / m)) > 1e-9:
-            raise ValueError(f"pattern {pattern!r} prunes {m - n} of every {m} weights: pass sparsity={1 - n / m}")
-        if steps not in (None, 1):
-            raise ValueError(f"pattern {pattern!r} is applied in one step; drop steps={steps}")
-        steps = 1
-    if steps is None:
-        steps = criterion.default_steps
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if scope not in ("global", "layer"):
-        raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
-    if criterion.requires_data and data is None:
-        raise ValueError(f"{criterion!r} needs data: pass data=... (batches of (inputs, targets)) and loss_fn")
-    sparsity = float(sparsity)
-    group = resolve_group(process_group)
-    targets = find_targets(model, modules)
-    keep = keep_counts([t.numel for t in targets], min_keep)
+    return Pruner(model, criterion, sparsity, data=data, loss_fn=loss_fn, scope=scope, steps=steps, modules=modules,
+                  min_keep=min_keep, pattern=pattern, process_group=process_group).run(progress)
 
-    def params() -> dict[str, torch.Tensor]:
-        return {t.name: t.weight.detach() for t in targets}
 
-    final_alloc = criterion.allocation(params(), sparsity)
-    per_tensor = None if final_alloc is None else [final_alloc[t.name] for t in targets]
-    if pattern is None:
-        _check_capacity(targets, keep, sparsity, per_tensor, scope)
-
-    snapshot = _Snapshot(targets) if steps > 1 else None
-    try:
-        masks: dict[str, torch.Tensor] = {}
-        for step_sparsity in tqdm(geometric_schedule(sparsity, steps), desc="pruning", disable=not progress):
-            current = params()
-            scores = _check_scores(criterion, criterion.scores(model, current, data, loss_fn), targets)
-            alloc = criterion.allocation(current, step_sparsity)
-            amount = (step_sparsity if scope == "global" else [step_sparsity] * len(targets)) if alloc is None \
-                else [alloc[t.name] for t in targets]
-            if pattern is None:
-                new = threshold_masks(scores, [t.mask for t in targets], keep, amount)
-            else:
-                new = nm_masks(scores, [t.mask for t in targets], [t.name for t in targets], n, m)
-            del scores
-            masks = {t.name: m for t, m in zip(targets, new)}
-            weights = criterion.compensate(model, current, {t.name: t.mask for t in targets}, masks)
-            # Every rank applies rank 0's decision, so a DDP model stays identical whatever the
-            # criterion computes per rank (ties, a user criterion's own statistics).
-            broadcast_from_first(list(masks.values()) + (list(weights.values()) if weights is not None else []),
-                                 group)
-            if weights is not None:
-                _check_weights(criterion, weights, targets)
-            apply_masks(model, masks)
-            if weights is not None:
-                _write_weights(weights, targets)
-    except BaseException:
-        if snapshot is not None:
-            snapshot.restore()
-        raise
-    return masks
+for _documented in (Pruner, prune):
+    _documented.__doc__ = _documented.__doc__.replace("    Args:\n", "    Args:\n" + _ARGS_DOC.lstrip("\n"), 1)

@@ -41,6 +41,14 @@ class Criterion:
         ``fastprune.prune``'s ``scope`` decide."""
         return None
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs besides the model and torch's RNG state (e.g. the
+        position in ``data`` of a criterion that draws fresh samples at each step)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores :meth:`state_dict`."""
+
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({fields})"

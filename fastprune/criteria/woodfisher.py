@@ -85,6 +85,7 @@ class WoodFisher(Criterion):
         self.max_memory = max_memory
         self.shard_blocks = bool(shard_blocks)
         self._stream: SampleStream | None = None
+        self._stream_state: dict | None = None  # from load_state_dict, applied once data is seen
         self._pending: dict[str, tuple[FisherInverse | None, torch.Tensor | None]] = {}
         self._spans: dict[str, list[tuple[int, int]]] = {}  # each rank's share of each tensor
         self._group, self._rank = None, 0
@@ -92,7 +93,18 @@ class WoodFisher(Criterion):
     def _samples(self, data):
         if self._stream is None or self._stream.data is not data:
             self._stream = SampleStream(data)
+            if self._stream_state is not None:
+                self._stream.load_state_dict(self._stream_state)
+                self._stream_state = None
         return self._stream.take(self.num_grads * self.fisher_mini_batch)
+
+    def state_dict(self) -> dict:
+        """Where the gradient sampling stopped in ``data``."""
+        stream = self._stream.state_dict() if self._stream is not None else self._stream_state
+        return {} if stream is None else {"stream": stream}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._stream, self._stream_state = None, state.get("stream")
 
     def _block(self, numel: int) -> int:
         return numel if self.block_size is None else min(self.block_size, numel)
