@@ -88,7 +88,16 @@ def woodfisher_union(rank):
             masks = fastprune.prune(m, _criterion(kind, block, grads, shard_blocks=shard_blocks), 0.6, steps=2,
                                     data=[(shard(x, rank)[:grads], shard(y, rank)[:grads])], progress=False)
             sharded[label, shard_blocks] = (masks, {k: v.clone() for k, v in m.state_dict().items()})
-    return {"union": out, "sharded": sharded}
+    # A budget the full blocks exceed (about 21 KB) but one rank's share (about 11 KB) fits.
+    budget = {}
+    for shard_blocks in (False, True):
+        try:
+            fastprune.prune(model(), WoodFisher(block_size=8, num_grads=6, max_memory=16000, shard_blocks=shard_blocks),
+                            0.5, data=[(shard(x, rank)[:6], shard(y, rank)[:6])], progress=False)
+            budget[shard_blocks] = "ok"
+        except MemoryError as e:
+            budget[shard_blocks] = str(e)
+    return {"union": out, "sharded": sharded, "budget": budget}
 
 
 def _worker(rank, port, out_dir):
@@ -182,6 +191,13 @@ def test_block_sharding_gives_the_same_masks_and_weights(ranks, label):
     fastprune.prune(m, _criterion(kind, block, WORLD * grads), 0.6, steps=2, data=[union], progress=False)
     for k, v in m.state_dict().items():
         torch.testing.assert_close(plain_state[k], v, rtol=1e-9, atol=1e-11)
+
+
+def test_sharding_divides_the_memory_budget(ranks):
+    for r in ranks:
+        budget = r["woodfisher"]["budget"]
+        assert "N=12 gradients" in budget[False] and "shard_blocks=True" in budget[False]
+        assert budget[True] == "ok"
 
 
 def test_block_spans_cover_every_block_once():
