@@ -75,19 +75,26 @@ def block_spans(numel: int, block_size: int, world: int) -> list[tuple[int, int]
     return [(min(lo * block_size, numel), min(hi * block_size, numel)) for lo, hi in zip(bounds, bounds[1:])]
 
 
-def exchange_columns(mats: list[torch.Tensor], spans: list[list[tuple[int, int]]], group) -> list[torch.Tensor]:
+def exchange_columns(mats: list[torch.Tensor], spans: list[list[tuple[int, int]]], group
+                     ) -> list[list[torch.Tensor]]:
     """Each rank sends rank r the columns ``spans[i][r]`` of its ``mats[i]`` (rows =
-    samples, the same count on every rank) and gets back, for each ``i``, its own
-    columns of every rank's rows, stacked in rank order: one all-to-all moves each
-    per-sample gradient entry once, to the rank that owns its block."""
+    samples, the same count on every rank); returns, for each source rank in order,
+    the list over ``i`` of this rank's columns of that rank's rows. One all-to-all
+    moves each entry once, to the rank that owns its block."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     widths = [sum(s[r][1] - s[r][0] for s in spans) for r in range(world)]
-    # Gloo's all-to-all takes equal sizes only: pad every share to the widest.
-    send = [torch.nn.functional.pad(torch.cat([m[:, s[r][0]: s[r][1]] for m, s in zip(mats, spans)], 1),
-                                    (0, max(widths) - widths[r])) for r in range(world)]
+    rows = mats[0].shape[0]
+    send = []
+    for r in range(world):
+        # Gloo's all-to-all takes equal sizes only: every share is padded to the widest.
+        buf = mats[0].new_zeros(rows, max(widths))
+        torch.cat([m[:, s[r][0]: s[r][1]] for m, s in zip(mats, spans)], 1, out=buf[:, : widths[r]])
+        send.append(buf)
     recv = [torch.empty_like(send[0]) for _ in range(world)]
     dist.all_to_all(recv, send, group=group)
-    return list(torch.cat(recv)[:, : widths[rank]].split([s[rank][1] - s[rank][0] for s in spans], dim=1))
+    del send
+    mine = [s[rank][1] - s[rank][0] for s in spans]
+    return [list(part[:, : widths[rank]].split(mine, dim=1)) for part in recv]
 
 
 def all_gather_spans(shares: list[torch.Tensor], spans: list[list[tuple[int, int]]], group) -> list[torch.Tensor]:

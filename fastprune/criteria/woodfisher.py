@@ -19,7 +19,7 @@ from .base import Criterion
 __all__ = ["WoodFisher", "WoodTaylor"]
 
 # Per-sample gradients are formed this many bytes at a time.
-_CHUNK_BYTES = 256 << 20
+_CHUNK_BYTES = 64 << 20
 
 
 def _positive_int(value, name: str, allow_none: bool = False):
@@ -150,17 +150,20 @@ class WoodFisher(Criterion):
         for s0 in range(0, len(x), chunk):
             ps = per_sample_gradients(model, x[s0:s0 + chunk], y[s0:s0 + chunk], loss_fn, modules=modules)
             ps = {k: ps[k] if m == 1 else ps[k].view(-1, m, ps[k].shape[1]).mean(1) for k in params}
-            if shard:  # every rank's gradients, restricted to the columns of this rank's blocks
-                ps = dict(zip(params, exchange_columns(list(ps.values()), list(self._spans.values()), group)))
-            for k, g in ps.items():
-                grad_sum[k] = g.sum(0) if k not in grad_sum else grad_sum[k] + g.sum(0)
-                if lowrank[k]:
-                    kept[k].append(g)
-                    continue
-                gs = FisherInverse.gather_slots(g, self._block(params[k].numel()), *slots[k])  # (nb, c, K)
-                if k not in blocks:
-                    blocks[k] = gs.new_zeros(gs.shape[0], gs.shape[2], gs.shape[2])
-                blocks[k].baddbmm_(gs.transpose(1, 2), gs)
+            # Sharded: every rank's gradients, restricted to the columns of this rank's blocks.
+            sources = [dict(zip(params, part)) for part in
+                       exchange_columns(list(ps.values()), list(self._spans.values()), group)] if shard else [ps]
+            del ps
+            for part in sources:
+                for k, g in part.items():
+                    grad_sum[k] = g.sum(0) if k not in grad_sum else grad_sum[k] + g.sum(0)
+                    if lowrank[k]:
+                        kept[k].append(g)
+                        continue
+                    gs = FisherInverse.gather_slots(g, self._block(params[k].numel()), *slots[k])  # (nb, c, K)
+                    if k not in blocks:
+                        blocks[k] = gs.new_zeros(gs.shape[0], gs.shape[2], gs.shape[2])
+                    blocks[k].baddbmm_(gs.transpose(1, 2), gs)
         if not shard:  # same keys and shapes on every rank: one reduction covers blocks and gradient sums
             all_reduce_sum([blocks[k] for k in params if k in blocks] + [grad_sum[k] for k in params], group)
         invs = {}
