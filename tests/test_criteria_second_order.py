@@ -140,6 +140,16 @@ def test_woodfisher_memory_budget_leaves_model_unchanged(mlp):
         assert torch.equal(v, state[k])
 
 
+def test_woodfisher_budget_counts_the_per_sample_gradients():
+    """1 M weights in blocks of 1 need 16 MB of blocks, but 16 per-sample gradients of
+    4 MB each (and their copies) are formed at once: about 192 MB."""
+    big = nn.Sequential(nn.Linear(1000, 1000))
+    data = [(torch.randn(32, 1000), torch.randint(0, 10, (32,)))]
+    with pytest.raises(MemoryError, match=r"N=32 gradients and block_size=1 needs about 19\d MiB"):
+        fastprune.prune(big, WoodFisher(block_size=1, num_grads=32, max_memory=100 << 20), 0.5, data=data,
+                        loss_fn="cross_entropy", progress=False)
+
+
 @pytest.mark.parametrize("crit,order,grad_term", [(Taylor(), 1, True), (QM(fisher="empirical"), 2, True),
                                                    (OBD(fisher="empirical"), 2, False),
                                                    (LossModel(order=2, fisher="empirical", lam=0.7), 2, True)])

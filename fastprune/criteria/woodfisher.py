@@ -109,9 +109,15 @@ class WoodFisher(Criterion):
     def _block(self, numel: int) -> int:
         return numel if self.block_size is None else min(self.block_size, numel)
 
+    def _chunk(self, total: int) -> int:
+        """Samples whose per-sample gradients (of ``total`` weights) are formed at once."""
+        m = self.fisher_mini_batch
+        return max(m, (_CHUNK_BYTES // (4 * total * m)) * m)
+
     def _check_memory(self, params, device, world: int) -> None:
-        n, need = self.num_grads * world, 0
-        share = world if self.shard_blocks else 1
+        n, share = self.num_grads * world, world if self.shard_blocks else 1
+        total = sum(w.numel() for w in params.values())
+        need = 3 * 4 * total * min(self._chunk(total), self.num_grads * self.fisher_mini_batch)  # + two copies
         for w in params.values():
             b = self._block(w.numel())
             need += 4 * math.ceil(math.ceil(w.numel() / b) / share) * (2 * n * b + 2 * n * n if n < b else 4 * b * b)
@@ -135,8 +141,7 @@ class WoodFisher(Criterion):
             raise ValueError(f"with torch.distributed each rank needs num_grads * fisher_mini_batch = "
                              f"{self.num_grads * m} samples, this rank's data gave {len(x)}")
         modules = [name.rpartition(".")[0] for name in params]
-        total = sum(w.numel() for w in params.values())
-        chunk = max(m, (_CHUNK_BYTES // (4 * total * m)) * m)
+        chunk = self._chunk(sum(w.numel() for w in params.values()))
         self._spans = {k: block_spans(w.numel(), self._block(w.numel()), world if shard else 1)
                        for k, w in params.items()}
         own = {k: self._spans[k][rank] for k in params}
