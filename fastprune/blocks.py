@@ -9,12 +9,12 @@ from torch import nn
 
 from . import _ops
 from .capture import check_batchnorm, plan_stats, run_passes
-from .distributed import all_reduce_sum, resolve_group
+from .distributed import all_gather_rows, all_reduce_sum, resolve_group
 from .inverse import _check_budget
 from .losses import resolve_loss
 from .targets import find_targets
 
-__all__ = ["FisherBlocks", "per_sample_gradients"]
+__all__ = ["FisherBlocks", "per_sample_gradients", "local_per_sample_gradients"]
 
 
 def _check_finite(name: str, t: torch.Tensor) -> None:
@@ -184,10 +184,29 @@ class FisherBlocks:
 
 
 def per_sample_gradients(model: nn.Module, inputs: torch.Tensor, targets, loss_fn=None, modules=None,
-                         strict: bool = False) -> dict[str, torch.Tensor]:
+                         strict: bool = False, process_group=None) -> dict[str, torch.Tensor]:
     """Per-sample gradients (N, numel) of the prunable weights (of ``modules``), from one
     forward+backward; the input of WoodFisher's low-rank path when N < block size.
-    Columns of pruned weights are zero."""
+    Columns of pruned weights are zero.
+
+    With torch.distributed (``process_group``, default: the default group when
+    initialised) every rank passes the same number of samples and gets the rows of
+    all ranks, in rank order: the gradient set of the union."""
+    group = resolve_group(process_group)
+    out = local_per_sample_gradients(model, inputs, targets, loss_fn, modules, strict)
+    if group is not None:
+        counts = torch.tensor([len(inputs)], device=inputs.device)
+        all_reduce_sum([counts], group)
+        if int(counts) != len(inputs) * torch.distributed.get_world_size(group):
+            raise ValueError(f"per_sample_gradients under torch.distributed needs the same number of samples on "
+                             f"every rank; this rank has {len(inputs)} of {int(counts)} in all")
+        out = {k: all_gather_rows(v, group) for k, v in out.items()}
+    return out
+
+
+def local_per_sample_gradients(model: nn.Module, inputs: torch.Tensor, targets, loss_fn=None, modules=None,
+                               strict: bool = False) -> dict[str, torch.Tensor]:
+    """:func:`per_sample_gradients` of this process's samples only."""
     check_batchnorm(model, "raise")
     fn, _ = resolve_loss(loss_fn)
     keys = {t.name for t in find_targets(model, modules)}

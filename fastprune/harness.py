@@ -82,7 +82,7 @@ def flops(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
 def _clock(times: dict[str, float]):
     """Adds the time spent in the statistics (Fisher diagonal, per-sample gradients), the
     Fisher inverses and the OBS weight update to ``times``."""
-    patches = [(loss_model, "fisher_diag", "stats"), (woodfisher, "per_sample_gradients", "stats"),
+    patches = [(loss_model, "fisher_diag", "stats"), (woodfisher, "local_per_sample_gradients", "stats"),
                (woodfisher, "obs_update", "update")]
     saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patches]
     inverse_makers = {name: FisherInverse.__dict__[name] for name in ("from_blocks", "from_grads")}

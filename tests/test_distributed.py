@@ -40,8 +40,14 @@ def statistics(rank):
     fb.accumulate(xs[:4], ys[:4], "cross_entropy")
     first = fb.blocks("0.weight").clone()
     fb.accumulate(xs[4:], ys[4:], "cross_entropy")  # after a reduction: only new samples are added
+    try:
+        fastprune.per_sample_gradients(m, xs[: 3 + rank], ys[: 3 + rank])
+        uneven = "no error"
+    except ValueError as e:
+        uneven = str(e)
     return {"diag": diag, "grad": grad, "true": true, "blocks_first": first, "blocks": fb.blocks("0.weight"),
-            "count": fb.num_samples}
+            "count": fb.num_samples, "per_sample": fastprune.per_sample_gradients(m, xs[:5], ys[:5]),
+            "uneven": uneven}
 
 
 def ddp_prune(rank):
@@ -143,6 +149,14 @@ def test_statistics_equal_single_process_on_the_union(ranks):
         assert got["count"] == len(x)
         torch.testing.assert_close(got["blocks_first"], expected_first, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(got["blocks"], fb.blocks("0.weight"), rtol=1e-10, atol=1e-12)
+    # The low-rank gradient sets: every rank gets the rows of all ranks, in rank order.
+    union = torch.cat([shard(x, r)[:5] for r in range(WORLD)]), torch.cat([shard(y, r)[:5] for r in range(WORLD)])
+    expected = fastprune.per_sample_gradients(m, *union)
+    for r in ranks:
+        assert r["statistics"]["per_sample"].keys() == expected.keys()
+        for k, v in expected.items():
+            torch.testing.assert_close(r["statistics"]["per_sample"][k], v, rtol=1e-10, atol=1e-12)
+        assert "same number of samples on every rank" in r["statistics"]["uneven"]
 
 
 def test_ddp_prune_identical_on_every_rank_and_as_one_process(ranks):

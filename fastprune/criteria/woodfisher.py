@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from ..blocks import per_sample_gradients
+from ..blocks import local_per_sample_gradients
 from ..distributed import (all_gather_rows, all_gather_spans, all_reduce_sum, block_spans, exchange_columns,
                            resolve_group)
 from ..inverse import FisherInverse, _check_budget, _check_damp
@@ -153,7 +153,7 @@ class WoodFisher(Criterion):
         blocks: dict[str, torch.Tensor] = {}
         grad_sum: dict[str, torch.Tensor] = {}
         for s0 in range(0, len(x), chunk):
-            ps = per_sample_gradients(model, x[s0:s0 + chunk], y[s0:s0 + chunk], loss_fn, modules=modules)
+            ps = local_per_sample_gradients(model, x[s0:s0 + chunk], y[s0:s0 + chunk], loss_fn, modules=modules)
             ps = {k: ps[k] if m == 1 else ps[k].view(-1, m, ps[k].shape[1]).mean(1) for k in params}
             # Sharded: every rank's gradients, restricted to the columns of this rank's blocks.
             sources = [dict(zip(params, part)) for part in
