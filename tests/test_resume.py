@@ -57,7 +57,7 @@ def test_resumed_run_equals_uninterrupted(kind, stop_after):
     torch.rand(1000)  # the new process's RNG is elsewhere: the state must restore it
 
     buf.seek(0)
-    ckpt = torch.load(buf, weights_only=False)
+    ckpt = torch.load(buf)  # the default weights_only=True loads it, as in the README example
     resumed = model()
     fastprune.load_pruned_state_dict(resumed, ckpt["model"])
     pruner = _pruner(resumed, kind)
