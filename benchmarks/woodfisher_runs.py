@@ -31,18 +31,18 @@ from woodfisher_style import per_sample_backward, sherman_morrison  # noqa: E402
 @contextmanager
 def timed_statistics(clock):
     """Adds the time spent forming per-sample gradients to clock['stats']."""
-    real = wf_module.per_sample_gradients
+    real = wf_module.local_per_sample_gradients
 
     def wrapper(*args, **kwargs):
         t0 = time.perf_counter()
         out = real(*args, **kwargs)
         clock["stats"] += time.perf_counter() - t0
         return out
-    wf_module.per_sample_gradients = wrapper
+    wf_module.local_per_sample_gradients = wrapper
     try:
         yield
     finally:
-        wf_module.per_sample_gradients = real
+        wf_module.local_per_sample_gradients = real
 
 
 def loader(x, y, seed=0):
