@@ -4,11 +4,13 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fastprune
 from fastprune import _ops
-from fastprune.sparse import SparseConv2d, SparseLinear, load_sparse, save_sparse, to_dense, to_sparse
+from fastprune.sparse import (FrozenConv2d, FrozenLinear, SparseConv2d, SparseLinear, load_sparse, save_sparse, to_dense,
+                              to_sparse)
 from fastprune.sparse.layers import CSRWeight, _SparseMM
 
 
@@ -327,3 +329,48 @@ def test_cuda_matches_cpu(m):
         torch.testing.assert_close(out.float().cpu(), weight @ x, rtol=tol, atol=tol)
         dv = _ops.sparse_mm_values_grad(*args, dy.to("cuda", dtype))
         torch.testing.assert_close(dv.float().cpu(), torch.einsum("bom,bkm->ok", dy, x)[mask], rtol=tol, atol=tol * 10)
+
+
+@pytest.mark.parametrize("make,shape", [(mlp, (5, 64)), (cnn, (2, 3, 8, 8))])
+def test_layers_left_dense_are_frozen_and_keep_their_pattern_in_training(make, shape):
+    """Below min_sparsity (and the grouped conv) layers become Frozen* modules: same
+    outputs, no pruning hook, and training moves only the kept weights."""
+    model = make()
+    fastprune.prune(model, fastprune.criteria.Magnitude(), 0.5, scope="layer", progress=False)
+    x, y = torch.randn(*shape), torch.randint(0, 10, (shape[0],))
+    with torch.no_grad():
+        ref = model(x)
+    masks = {k[: -len("_mask")]: v.bool() for k, v in model.state_dict().items() if k.endswith("_mask")}
+    converted, report = to_sparse(copy.deepcopy(model), x, calibrate=False)
+    assert all(c.kernel == "dense" for c in report.layers)
+    frozen = {n: m for n, m in converted.named_modules() if isinstance(m, (FrozenLinear, FrozenConv2d))}
+    assert {f"{n}.weight" for n in frozen} == set(masks)
+    assert not any(m._forward_pre_hooks for m in frozen.values())
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), ref, rtol=1e-6, atol=1e-6)
+    start = {n: m.weight.detach().clone() for n, m in frozen.items()}
+    for opt in (torch.optim.SGD(converted.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2),
+                torch.optim.AdamW(converted.parameters(), lr=0.1, weight_decay=1e-2)):
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(converted.train()(x), y).backward()
+            opt.step()
+    for name, m in frozen.items():
+        keep = masks[f"{name}.weight"]
+        assert torch.equal(m.pattern, keep)
+        assert (m.weight[~keep] == 0).all() and (m.weight.grad[~keep] == 0).all()
+        assert (m.weight[keep] != start[name][keep]).all()  # every kept weight trained
+    again = copy.deepcopy(converted)
+    again.load_state_dict(converted.state_dict())
+    back = to_dense(again)
+    assert not any(isinstance(m, (FrozenLinear, FrozenConv2d)) for m in back.modules())
+    for key, keep in masks.items():
+        assert torch.equal(back.state_dict()[f"{key}_mask"].bool(), keep)
+
+
+def test_freeze_dense_false_leaves_masked_layers():
+    model = mlp()
+    fastprune.prune(model, fastprune.criteria.Magnitude(), 0.5, scope="layer", progress=False)
+    converted, _ = to_sparse(model, torch.randn(2, 64), calibrate=False, freeze_dense=False)
+    assert not any(isinstance(m, (FrozenLinear, FrozenConv2d, SparseLinear)) for m in converted.modules())
+    assert all(hasattr(converted[i], "weight_mask") for i in (0, 2, 4))

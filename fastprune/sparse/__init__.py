@@ -1,12 +1,15 @@
 """Sparse execution and storage of pruned models.
 
 ``to_sparse`` swaps pruned Linear/Conv2d layers for :class:`SparseLinear` /
-:class:`SparseConv2d` where a calibration run shows them faster; ``to_dense``
+:class:`SparseConv2d` where a calibration run shows them faster, and the rest for
+:class:`FrozenLinear` / :class:`FrozenConv2d` (masked weight stored once); ``to_dense``
 reverts; ``save_sparse`` / ``load_sparse`` store only the kept weights.
 """
 from .convert import LayerChoice, SparseReport, to_dense, to_sparse
+from .frozen import FrozenConv2d, FrozenLinear
 from .layers import CSRWeight, SparseConv2d, SparseLinear
 from .storage import load_sparse, save_sparse
 
 __all__ = ["to_sparse", "to_dense", "SparseReport", "LayerChoice", "SparseLinear", "SparseConv2d", "CSRWeight",
+           "FrozenLinear", "FrozenConv2d",
            "save_sparse", "load_sparse"]

@@ -9,9 +9,13 @@ import torch
 from torch import nn
 
 from ..masks import apply_masks, get_mask, refresh_masked
+from .frozen import FrozenConv2d, FrozenLinear, _FrozenPattern
 from .layers import SparseConv2d, SparseLinear, _SparseModule
 
-__all__ = ["to_sparse", "to_dense", "SparseReport", "LayerChoice"]
+__all__ = ["to_sparse", "to_dense", "SparseReport", "LayerChoice", "CONVERTED"]
+
+#: The module types to_sparse puts in place of pruned layers.
+CONVERTED = (_SparseModule, _FrozenPattern)
 
 
 @dataclass
@@ -20,7 +24,7 @@ class LayerChoice:
 
     name: str
     sparsity: float
-    kernel: str  # "sparse" or "dense"
+    kernel: str  # "sparse" or "dense" (a FrozenLinear / FrozenConv2d, or the masked layer as it was)
     dense_ms: float | None = None
     sparse_ms: float | None = None
     reason: str = ""
@@ -76,7 +80,7 @@ def _unsupported(module: nn.Module) -> str:
 
 
 def to_sparse(model: nn.Module, example_input, min_sparsity: float = 0.7, calibrate: bool = True,
-              repeats: int = 20) -> tuple[nn.Module, SparseReport]:
+              repeats: int = 20, freeze_dense: bool = True) -> tuple[nn.Module, SparseReport]:
     """Replaces pruned ``nn.Linear`` / ``nn.Conv2d`` layers by :class:`SparseLinear` /
     :class:`SparseConv2d` where that is faster, in place.
 
@@ -84,9 +88,16 @@ def to_sparse(model: nn.Module, example_input, min_sparsity: float = 0.7, calibr
     :func:`fastprune.prune`) with at least ``min_sparsity`` of its weights pruned.
     With ``calibrate`` (the default), each qualifying layer runs ``repeats`` times
     on its own input from one forward of ``example_input`` (a tensor, or a tuple
-    of positional inputs), dense (masked) and sparse, and is replaced only if the
-    sparse module is faster, so the model never gets slower at that input shape.
+    of positional inputs), dense and sparse, and is replaced only if the sparse
+    module is faster, so the model never gets slower at that input shape.
     Without it, every qualifying layer is replaced.
+
+    With ``freeze_dense`` (the default) every pruned layer left dense becomes a
+    :class:`FrozenLinear` / :class:`FrozenConv2d`: the masked weight stored once
+    instead of ``weight_orig * weight_mask`` recomputed by a hook on every call,
+    with the pattern frozen during training like the sparse modules'. The
+    calibration times that form as the dense candidate. ``freeze_dense=False``
+    leaves those layers masked as they were.
 
     Returns ``(model, report)``; ``print(report)`` gives, per pruned layer, its
     sparsity, the kernel chosen and both times. :func:`to_dense` reverts.
@@ -110,24 +121,27 @@ def to_sparse(model: nn.Module, example_input, min_sparsity: float = 0.7, calibr
             build[name] = module
     inputs = _capture_inputs(model, list(build), example_input) if calibrate and build else {}
     for choice in report.layers:
-        module = build.get(choice.name)
-        if module is None:
-            continue
+        module = pruned[choice.name]
         # Outside no_grad: module.weight (= weight_orig * mask, recomputed here) then carries
-        # weight_orig's requires_grad, which the sparse module's values inherit.
+        # weight_orig's requires_grad, which the new modules' parameters inherit.
         mask = get_mask(module, "weight")
         refresh_masked(module, "weight")
-        sparse = SparseLinear(module.weight, mask, module.bias) if isinstance(module, nn.Linear) \
-            else SparseConv2d(module, mask)
-        with torch.no_grad():
-            if choice.name in inputs:
-                choice.dense_ms = _time_ms(module, inputs[choice.name], repeats)
-                choice.sparse_ms = _time_ms(sparse, inputs[choice.name], repeats)
-        if choice.name in inputs and choice.sparse_ms >= choice.dense_ms:
+        dense = (FrozenLinear if isinstance(module, nn.Linear) else FrozenConv2d)(module, mask) if freeze_dense \
+            else module
+        if choice.name in build:
+            sparse = SparseLinear(module.weight, mask, module.bias) if isinstance(module, nn.Linear) \
+                else SparseConv2d(module, mask)
+            with torch.no_grad():
+                if choice.name in inputs:
+                    choice.dense_ms = _time_ms(dense, inputs[choice.name], repeats)
+                    choice.sparse_ms = _time_ms(sparse, inputs[choice.name], repeats)
+            if choice.name not in inputs or choice.sparse_ms < choice.dense_ms:
+                choice.kernel, choice.reason = "sparse", ""
+                _set_submodule(model, choice.name, sparse)
+                continue
             choice.reason = "dense is faster at this input shape"
-            continue
-        choice.kernel, choice.reason = "sparse", ""
-        _set_submodule(model, choice.name, sparse)
+        if dense is not module:
+            _set_submodule(model, choice.name, dense)
     return model, report
 
 
@@ -137,9 +151,10 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def to_dense(model: nn.Module) -> nn.Module:
-    """Replaces every sparse module by its dense ``nn.Linear`` / ``nn.Conv2d``, with the
-    pruning mask re-applied (``weight_orig`` / ``weight_mask``), in place."""
-    sparse = [(name, m) for name, m in model.named_modules() if isinstance(m, _SparseModule)]
+    """Replaces every module :func:`to_sparse` put in (sparse or frozen dense) by its
+    ``nn.Linear`` / ``nn.Conv2d``, with the pruning mask re-applied (``weight_orig`` /
+    ``weight_mask``), in place."""
+    sparse = [(name, m) for name, m in model.named_modules() if isinstance(m, CONVERTED)]
     for name, module in sparse:
         dense = module.to_dense()
         mask = module.weight_mask()

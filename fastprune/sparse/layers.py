@@ -109,6 +109,9 @@ class _SparseMM(torch.autograd.Function):
 class _SparseModule(nn.Module):
     """Shared state: the pattern (buffers), the kept values and the bias (parameters)."""
 
+    #: state_dict entries that save_sparse replaces by its compact form of the weight.
+    _compact_keys = ("values", "row_ptr", "col_idx")
+
     def _init_sparse(self, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None):
         csr, flat = CSRWeight.from_mask(mask.reshape(weight.shape[0], -1))
         self.weight_shape = tuple(weight.shape)

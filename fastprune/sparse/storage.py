@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..masks import apply_masks, get_mask, split_param_name
-from .layers import _SparseModule
+from .convert import CONVERTED
 
 __all__ = ["save_sparse", "load_sparse"]
 
@@ -30,7 +30,7 @@ def _pruned_tensors(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Ten
     out = {}
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
-        if isinstance(module, _SparseModule):
+        if isinstance(module, CONVERTED):
             out[prefix + "weight"] = (module.dense_weight(), module.weight_mask())
             continue
         for local in [k[: -len("_orig")] for k in module._parameters if k.endswith("_orig")]:
@@ -55,11 +55,11 @@ def save_sparse(model: nn.Module, path: str | os.PathLike) -> dict:
     pruned = _pruned_tensors(model)
     tensors, meta, dense_bytes = {}, {}, 0
     skip = {f"{k}_orig" for k in pruned} | {f"{k}_mask" for k in pruned}
-    sparse_prefixes = tuple(f"{n}." if n else "" for n, m in model.named_modules() if isinstance(m, _SparseModule))
+    # Converted modules' own entries (CSR arrays, frozen weight and pattern) are in the compact form.
+    skip |= {(f"{n}." if n else "") + k for n, m in model.named_modules() if isinstance(m, CONVERTED)
+             for k in m._compact_keys}
     for key, value in model.state_dict().items():
-        owner = next((p for p in sparse_prefixes if key.startswith(p) and key[len(p):] in
-                      ("values", "row_ptr", "col_idx")), None)
-        if key in skip or owner is not None:
+        if key in skip:
             continue
         tensors[key] = value.detach().contiguous().cpu()
         dense_bytes += value.numel() * value.element_size()
@@ -86,7 +86,7 @@ def load_sparse(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     Call :func:`~fastprune.sparse.to_sparse` afterwards for sparse execution."""
     from safetensors import safe_open
 
-    if any(isinstance(m, _SparseModule) for m in model.modules()):
+    if any(isinstance(m, CONVERTED) for m in model.modules()):
         raise ValueError("load_sparse needs the dense architecture; call fastprune.sparse.to_dense(model) first")
     with safe_open(os.fspath(path), framework="pt") as f:
         raw = f.metadata() or {}
