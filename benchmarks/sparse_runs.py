@@ -4,7 +4,8 @@ and the size of save_sparse files. Prints a markdown section for RESULTS.md.
 * MLPNet (the public WoodFisher checkpoint when ../shared has it, else random init) and
   LeNet-300-100, 95 % global magnitude sparsity, batch 1: the dense masked model vs
   to_sparse with the default min_sparsity (0.7) and with min_sparsity=0 (every pruned
-  layer calibrated, kept dense only where measured slower).
+  layer calibrated, kept dense only where measured slower), layers left dense frozen
+  (the default) or, for comparison, left masked (freeze_dense=False).
 * ResNet-20, 90 % global magnitude sparsity over its conv and linear weights, batch 1 and 64.
 * File sizes: save_sparse of the 95 %-sparse models vs safetensors of the dense weights.
 """
@@ -59,13 +60,13 @@ def pruned(make, sparsity, modules=None):
 
 def speed_rows(name, model, x, label):
     rows = []
-    for min_sparsity in (0.7, 0.0):
-        converted, report = to_sparse(copy.deepcopy(model), x, min_sparsity=min_sparsity)
+    for min_sparsity, freeze in ((0.7, True), (0.0, True), (0.7, False)):
+        converted, report = to_sparse(copy.deepcopy(model), x, min_sparsity=min_sparsity, freeze_dense=freeze)
         # Timed back to back after the calibration, so both see the same warm caches.
         dense, t = median_ms(model, x), median_ms(converted, x)
         n_sparse = sum(c.kernel == "sparse" for c in report.layers)
-        rows.append(f"| {name} | {label} | {min_sparsity} | {n_sparse}/{len(report.layers)} | {dense:.3f} | {t:.3f} | "
-                    f"{dense / t:.2f} |")
+        rows.append(f"| {name} | {label} | {min_sparsity} | {n_sparse}/{len(report.layers)} | "
+                    f"{'frozen' if freeze else 'masked'} | {dense:.3f} | {t:.3f} | {dense / t:.2f} |")
     return rows
 
 
@@ -92,9 +93,11 @@ def main():
     print("## Sparse execution end to end (`to_sparse`), forward under `torch.no_grad()`\n")
     print(f"Global magnitude pruning; MLPNet: {net_src}, LeNet-300-100 and ResNet-20: random init. Dense = the "
           "masked model as `torch.nn.utils.prune` runs it. Medians of 200 calls; a row where no layer was replaced "
-          "shows this machine's run-to-run noise.\n")
-    print("| model | input | min_sparsity | sparse layers | dense masked (ms) | to_sparse (ms) | speedup |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+          "shows this machine's run-to-run noise. Layers left dense are FrozenLinear/FrozenConv2d (masked weight stored "
+          "once) by default, or stay masked with `freeze_dense=False`.\n")
+    print("| model | input | min_sparsity | sparse layers | layers left dense | dense masked (ms) | to_sparse (ms) "
+          "| speedup |")
+    print("| --- | --- | ---: | ---: | --- | ---: | ---: | ---: |")
     rows = speed_rows("MLPNet 95 %", net, torch.randn(1, 784), "batch 1")
     rows += speed_rows("LeNet-300-100 95 %", lenet, torch.randn(1, 784), "batch 1")
     rows += speed_rows("ResNet-20 90 %", resnet, torch.randn(1, 3, 32, 32), "batch 1")
