@@ -184,22 +184,35 @@ class FisherBlocks:
 
 
 def per_sample_gradients(model: nn.Module, inputs: torch.Tensor, targets, loss_fn=None, modules=None,
-                         strict: bool = False, process_group=None) -> dict[str, torch.Tensor]:
+                         strict: bool = False, process_group=None, max_memory: int | None = None
+                         ) -> dict[str, torch.Tensor]:
     """Per-sample gradients (N, numel) of the prunable weights (of ``modules``), from one
     forward+backward; the input of WoodFisher's low-rank path when N < block size.
     Columns of pruned weights are zero.
 
     With torch.distributed (``process_group``, default: the default group when
     initialised) every rank passes the same number of samples and gets the rows of
-    all ranks, in rank order: the gradient set of the union."""
+    all ranks, in rank order: the gradient set of the union.
+
+    The result holds N x (weights) values (times the world size when gathered);
+    ``max_memory`` (bytes, default half the free memory) is checked before any work.
+    """
     group = resolve_group(process_group)
-    out = local_per_sample_gradients(model, inputs, targets, loss_fn, modules, strict)
-    if group is not None:
+    total = len(inputs)
+    if group is not None:  # the same checks on every rank, before any rank allocates
         counts = torch.tensor([len(inputs)], device=inputs.device)
         all_reduce_sum([counts], group)
-        if int(counts) != len(inputs) * torch.distributed.get_world_size(group):
+        total = int(counts)
+        if total != len(inputs) * torch.distributed.get_world_size(group):
             raise ValueError(f"per_sample_gradients under torch.distributed needs the same number of samples on "
-                             f"every rank; this rank has {len(inputs)} of {int(counts)} in all")
+                             f"every rank; this rank has {len(inputs)} of {total} in all")
+    tensors = find_targets(model, modules)
+    need = 2 * total * sum(t.numel for t in tensors) * tensors[0].weight.element_size() if tensors else 0
+    _check_budget(need, max_memory, inputs.device, f"per-sample gradients of {total} samples",
+                  "pass fewer samples per call (the sums of fisher_diag and FisherBlocks need no N x params "
+                  "buffer)")
+    out = local_per_sample_gradients(model, inputs, targets, loss_fn, modules, strict)
+    if group is not None:
         out = {k: all_gather_rows(v, group) for k, v in out.items()}
     return out
 

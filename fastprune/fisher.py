@@ -8,6 +8,7 @@ from tqdm.auto import tqdm
 from . import _ops
 from .capture import check_batchnorm, iterate_batches, plan_stats, run_passes
 from .distributed import all_reduce_sum, resolve_group
+from .inverse import _check_budget
 from .losses import FISHER_KINDS, fisher_passes, resolve_loss
 
 __all__ = ["fisher_diag"]
@@ -54,7 +55,8 @@ def _check_finite(sums: list[tuple[str, torch.Tensor]]) -> None:
 
 def fisher_diag(model: nn.Module, data, loss_fn=None, *, fisher: str = "empirical", mc_samples: int = 1,
                 modules=None, max_samples: int | None = None, return_grad: bool = False, bn: str = "raise",
-                strict: bool = False, seed: int = 0, progress: bool = True, process_group=None):
+                strict: bool = False, seed: int = 0, progress: bool = True, process_group=None,
+                max_memory: int | None = None):
     """Diagonal of the Fisher, (1/N) sum_n g_n**2, over the per-sample gradients g_n.
 
     One forward and one backward per batch (per Fisher pass) suffice: forward hooks
@@ -82,6 +84,10 @@ def fisher_diag(model: nn.Module, data, loss_fn=None, *, fisher: str = "empirica
             data and every rank gets the statistics of the union (sums are
             all-reduced). Default: the default group when initialised.
             ``max_samples`` then applies per rank.
+        max_memory: bytes the torch.func fallback may use for one batch's per-sample
+            gradients (the exact ops need only fixed-size tiles); default half the
+            free memory. Checked before each batch, so an oversized one raises
+            instead of dying in the allocator.
 
     Returns:
         ``{name: diag}`` keyed like ``named_parameters()`` (``_orig`` dropped), each the
@@ -102,6 +108,7 @@ def fisher_diag(model: nn.Module, data, loss_fn=None, *, fisher: str = "empirica
 
     with _BatchNormEval(bn_modules):
         for x, y in tqdm(iterate_batches(data, _device(model), max_samples), desc="fisher", disable=not progress):
+            _check_fallback_memory(plan, len(x), max_memory)
             def make_passes(outputs):
                 tag = "both" if return_grad and fisher == "empirical" else "fisher"
                 yield from ((t, w, tag) for t, w in fisher_passes(fisher, loss_name, outputs, y, mc_samples, gen))
@@ -137,6 +144,18 @@ def fisher_diag(model: nn.Module, data, loss_fn=None, *, fisher: str = "empirica
     if not return_grad:
         return diag
     return diag, {k: _finish(grad_sums.get(k), count, plan, k) for k in plan.keys}
+
+
+def _check_fallback_memory(plan, batch: int, max_memory: int | None) -> None:
+    """torch.func materialises (batch, numel) per-sample gradients of every fallback
+    parameter, about twice over while vmap runs."""
+    if not plan.fallback:
+        return
+    params = [plan.params[k] for k in plan.fallback]
+    need = 2 * batch * sum(p.numel() * p.element_size() for p in params)
+    _check_budget(need, max_memory, params[0].device,
+                  f"the torch.func fallback for {sorted(plan.fallback)} on a batch of {batch}",
+                  "use smaller batches, or leave these parameters out with modules=")
 
 
 def _pass_sums(plan, calls, fallback):

@@ -350,3 +350,20 @@ def test_conv_per_sample_weight_routes(cfg, route, monkeypatch):
     nb = -(-ps.shape[1] // 7)
     g = F.pad(ps, (0, nb * 7 - ps.shape[1])).view(5, nb, 7)
     torch.testing.assert_close(fb.blocks("0.weight"), torch.einsum("nbi,nbj->bij", g, g) / 5)
+
+
+def test_memory_budgets_raise_before_any_work():
+    """The torch.func fallback (PReLU here) and per_sample_gradients materialise N x
+    params; an over-budget request raises with the numbers before computing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.PReLU(16), nn.Linear(16, 3)).eval()
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    warnings.simplefilter("ignore")  # the one-time fallback warning (tested elsewhere); pytest restores filters
+    fastprune.fisher_diag(model, [(x, y)], progress=False)  # the default budget fits
+    # 2 x 32 samples x 16 PReLU weights x 4 bytes = 4096 bytes for the fallback
+    with pytest.raises(MemoryError, match=r"torch.func fallback for \['1.weight'\] on a batch of 32 .*smaller batches"):
+        fastprune.fisher_diag(model, [(x, y)], progress=False, max_memory=4095)
+    fastprune.fisher_diag(model, [(x, y)], progress=False, max_memory=4096)
+    with pytest.raises(MemoryError, match="per-sample gradients of 32 samples"):
+        fastprune.per_sample_gradients(model, x, y, max_memory=1000)
+    assert fastprune.per_sample_gradients(model, x, y)["0.weight"].shape == (32, 128)
