@@ -9,8 +9,9 @@ from torch import nn
 
 import fastprune
 from fastprune import _ops
-from fastprune.sparse import (FrozenConv2d, FrozenLinear, SparseConv2d, SparseLinear, load_sparse, save_sparse, to_dense,
-                              to_sparse)
+from fastprune.sparse import (FrozenConv2d, FrozenLinear, SemiStructuredLinear, SparseConv2d, SparseLinear, is_two_four,
+                              load_sparse, save_sparse, to_dense, to_sparse)
+from fastprune.sparse.semi import semi_structured_reason
 from fastprune.sparse.layers import CSRWeight, _SparseMM
 
 
@@ -374,3 +375,48 @@ def test_freeze_dense_false_leaves_masked_layers():
     converted, _ = to_sparse(model, torch.randn(2, 64), calibrate=False, freeze_dense=False)
     assert not any(isinstance(m, (FrozenLinear, FrozenConv2d, SparseLinear)) for m in converted.modules())
     assert all(hasattr(converted[i], "weight_mask") for i in (0, 2, 4))
+
+
+def test_two_four_detection_and_reasons_off_gpu():
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+    masks = fastprune.prune(model, fastprune.criteria.Magnitude(), 0.5, pattern="2:4", progress=False)
+    assert all(is_two_four(m) for m in masks.values())
+    assert not is_two_four(torch.rand(32, 64) > 0.5)
+    assert not is_two_four(torch.ones(4, 6, dtype=torch.bool).tril())  # 6 inputs: no groups of 4
+    assert is_two_four(torch.zeros(3, 8, dtype=torch.bool))  # fewer than 2 kept is fine too
+    if not torch.cuda.is_available():
+        assert "CUDA device" in semi_structured_reason(model[0], masks["0.weight"])
+        with pytest.raises(ValueError, match="need a CUDA device"):
+            SemiStructuredLinear(model[0], masks["0.weight"])
+    assert "Linear" in semi_structured_reason(nn.Conv2d(4, 4, 1), torch.ones(4, 4, 1, 1))
+    # Off the GPU a 2:4 model converts as any other: 50 % is below min_sparsity, so frozen dense.
+    converted, report = to_sparse(model, torch.randn(2, 64), repeats=2)
+    assert all(c.kernel == "dense" and c.semi_ms is None for c in report.layers)
+    assert "2:4 ms" in str(report)
+
+
+def _ampere():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+
+
+@pytest.mark.skipif(not _ampere(), reason="needs an Ampere or newer GPU")
+def test_two_four_on_gpu_matches_dense_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 64)).half().cuda().eval()
+    fastprune.prune(model, fastprune.criteria.Magnitude(), 0.5, pattern="2:4", progress=False)
+    x = torch.randn(64, 256, dtype=torch.half, device="cuda")
+    with torch.no_grad():
+        ref = model(x)
+    converted, report = to_sparse(copy.deepcopy(model), x, calibrate=False)
+    assert [c.kernel for c in report.layers] == ["2:4", "2:4"], str(report)
+    assert isinstance(converted[0], SemiStructuredLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), ref, rtol=1e-2, atol=1e-2)
+    timed, report = to_sparse(copy.deepcopy(model), x, repeats=5)
+    assert all(c.semi_ms is not None and c.dense_ms is not None for c in report.layers)
+    save_sparse(converted, tmp_path / "m.safetensors")
+    back = to_dense(converted)
+    loaded = load_sparse(tmp_path / "m.safetensors", copy.deepcopy(back))
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), ref, rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(loaded(x), back(x), rtol=0, atol=0)

@@ -8,8 +8,9 @@ reverts; ``save_sparse`` / ``load_sparse`` store only the kept weights.
 from .convert import LayerChoice, SparseReport, to_dense, to_sparse
 from .frozen import FrozenConv2d, FrozenLinear
 from .layers import CSRWeight, SparseConv2d, SparseLinear
+from .semi import SemiStructuredLinear, is_two_four
 from .storage import load_sparse, save_sparse
 
 __all__ = ["to_sparse", "to_dense", "SparseReport", "LayerChoice", "SparseLinear", "SparseConv2d", "CSRWeight",
-           "FrozenLinear", "FrozenConv2d",
+           "FrozenLinear", "FrozenConv2d", "SemiStructuredLinear", "is_two_four",
            "save_sparse", "load_sparse"]

@@ -11,11 +11,12 @@ from torch import nn
 from ..masks import apply_masks, get_mask, refresh_masked
 from .frozen import FrozenConv2d, FrozenLinear, _FrozenPattern
 from .layers import SparseConv2d, SparseLinear, _SparseModule
+from .semi import SemiStructuredLinear, semi_structured_reason
 
 __all__ = ["to_sparse", "to_dense", "SparseReport", "LayerChoice", "CONVERTED"]
 
 #: The module types to_sparse puts in place of pruned layers.
-CONVERTED = (_SparseModule, _FrozenPattern)
+CONVERTED = (_SparseModule, _FrozenPattern, SemiStructuredLinear)
 
 
 @dataclass
@@ -24,10 +25,11 @@ class LayerChoice:
 
     name: str
     sparsity: float
-    kernel: str  # "sparse" or "dense" (a FrozenLinear / FrozenConv2d, or the masked layer as it was)
+    kernel: str  # "sparse", "2:4" (CUDA) or "dense" (a FrozenLinear / FrozenConv2d, or the masked layer as it was)
     dense_ms: float | None = None
     sparse_ms: float | None = None
     reason: str = ""
+    semi_ms: float | None = None  # the 2:4 semi-structured kernel, when the layer qualifies for it
 
 
 @dataclass
@@ -35,10 +37,11 @@ class SparseReport:
     layers: list[LayerChoice] = field(default_factory=list)
 
     def __str__(self) -> str:
-        rows = [f"{'layer':24s} {'sparsity':>8s} {'kernel':>7s} {'dense ms':>9s} {'sparse ms':>9s}  reason"]
+        rows = [f"{'layer':24s} {'sparsity':>8s} {'kernel':>7s} {'dense ms':>9s} {'sparse ms':>9s} {'2:4 ms':>9s}  reason"]
         for c in self.layers:
             fmt = (lambda v: f"{v:9.3f}" if v is not None else f"{'-':>9s}")
-            rows.append(f"{c.name:24s} {c.sparsity:8.3f} {c.kernel:>7s} {fmt(c.dense_ms)} {fmt(c.sparse_ms)}  {c.reason}")
+            rows.append(f"{c.name:24s} {c.sparsity:8.3f} {c.kernel:>7s} {fmt(c.dense_ms)} {fmt(c.sparse_ms)} "
+                        f"{fmt(c.semi_ms)}  {c.reason}")
         return "\n".join(rows)
 
 
@@ -99,6 +102,11 @@ def to_sparse(model: nn.Module, example_input, min_sparsity: float = 0.7, calibr
     calibration times that form as the dense candidate. ``freeze_dense=False``
     leaves those layers masked as they were.
 
+    On CUDA (Ampere or newer), a Linear layer whose mask is 2:4 along its inputs
+    (``fastprune.prune(..., pattern="2:4")``) is also timed as a
+    :class:`SemiStructuredLinear` (``torch.sparse.to_sparse_semi_structured``;
+    inference only), whatever ``min_sparsity`` says; the fastest kernel wins.
+
     Returns ``(model, report)``; ``print(report)`` gives, per pruned layer, its
     sparsity, the kernel chosen and both times. :func:`to_dense` reverts.
     """
@@ -109,7 +117,7 @@ def to_sparse(model: nn.Module, example_input, min_sparsity: float = 0.7, calibr
     if not pruned:
         raise ValueError("to_sparse found no pruned Linear or Conv2d layer (no 'weight_mask'); prune the model first, "
                          "e.g. fastprune.prune(model, criterion, sparsity=0.9)")
-    report, build = SparseReport(), {}
+    report, build, semi = SparseReport(), {}, {}
     for name, module in pruned.items():
         mask = get_mask(module, "weight")
         sparsity = 1.0 - float(mask.float().mean())
@@ -119,7 +127,10 @@ def to_sparse(model: nn.Module, example_input, min_sparsity: float = 0.7, calibr
         report.layers.append(LayerChoice(name, sparsity, "dense", reason=reason))
         if not reason:
             build[name] = module
-    inputs = _capture_inputs(model, list(build), example_input) if calibrate and build else {}
+        if not semi_structured_reason(module, mask):  # 2:4 masks are 50 % sparse: min_sparsity does not apply
+            semi[name] = module
+    timed = list(dict.fromkeys([*build, *semi]))
+    inputs = _capture_inputs(model, timed, example_input) if calibrate and timed else {}
     for choice in report.layers:
         module = pruned[choice.name]
         # Outside no_grad: module.weight (= weight_orig * mask, recomputed here) then carries
@@ -128,19 +139,28 @@ def to_sparse(model: nn.Module, example_input, min_sparsity: float = 0.7, calibr
         refresh_masked(module, "weight")
         dense = (FrozenLinear if isinstance(module, nn.Linear) else FrozenConv2d)(module, mask) if freeze_dense \
             else module
+        candidates = {}
         if choice.name in build:
-            sparse = SparseLinear(module.weight, mask, module.bias) if isinstance(module, nn.Linear) \
+            candidates["sparse"] = SparseLinear(module.weight, mask, module.bias) if isinstance(module, nn.Linear) \
                 else SparseConv2d(module, mask)
+        if choice.name in semi:
+            try:
+                candidates["2:4"] = SemiStructuredLinear(module, mask)
+            except RuntimeError as exc:  # a dtype or shape torch's 2:4 kernels do not take
+                choice.reason = f"2:4 kernel unavailable: {exc}"
+        best = "2:4" if "2:4" in candidates else ("sparse" if candidates else None)  # uncalibrated choice
+        if best is not None and choice.name in inputs:
             with torch.no_grad():
-                if choice.name in inputs:
-                    choice.dense_ms = _time_ms(dense, inputs[choice.name], repeats)
-                    choice.sparse_ms = _time_ms(sparse, inputs[choice.name], repeats)
-            if choice.name not in inputs or choice.sparse_ms < choice.dense_ms:
-                choice.kernel, choice.reason = "sparse", ""
-                _set_submodule(model, choice.name, sparse)
-                continue
-            choice.reason = "dense is faster at this input shape"
-        if dense is not module:
+                choice.dense_ms = _time_ms(dense, inputs[choice.name], repeats)
+                times = {k: _time_ms(m, inputs[choice.name], repeats) for k, m in candidates.items()}
+            choice.sparse_ms, choice.semi_ms = times.get("sparse"), times.get("2:4")
+            best = min(times, key=times.get)
+            if times[best] >= choice.dense_ms:
+                best, choice.reason = None, "dense is faster at this input shape"
+        if best is not None:
+            choice.kernel, choice.reason = best, ""
+            _set_submodule(model, choice.name, candidates[best])
+        elif dense is not module:
             _set_submodule(model, choice.name, dense)
     return model, report
 
