@@ -268,33 +268,35 @@ class Pruner:
             raise
         return self.masks()
 
+    def _pruned_count(self) -> int:
+        return sum(0 if t.mask is None else t.numel - int(t.mask.count_nonzero()) for t in self.targets)
+
     def state_dict(self) -> dict:
-        """How far the run got: steps taken, the schedule, the pruned tensors' names,
-        the criterion's state and torch's RNG state (save the model's ``state_dict`` with it)."""
+        """How far the run got: steps taken, the schedule, the pruned tensors' names and
+        how many of their weights are pruned, the criterion's state and torch's RNG
+        state (save the model's ``state_dict`` with it)."""
         return {"completed": self.completed, "steps": self.steps, "sparsity": self.sparsity,
                 "targets": [t.name for t in self.targets], "criterion": type(self.criterion).__name__,
-                "criterion_state": self.criterion.state_dict(), "rng": get_rng_state()}
+                "pruned": self._pruned_count(), "criterion_state": self.criterion.state_dict(),
+                "rng": get_rng_state()}
 
     def load_state_dict(self, state: dict) -> None:
         """Continues the run recorded by :meth:`state_dict`. Load the model's state dict
         saved with it first (``fastprune.load_pruned_state_dict`` for a fresh model).
         Also restores torch's RNG state, so shuffling and sampling continue unchanged."""
-        mine = self.state_dict()
-        for key in ("steps", "sparsity", "targets", "criterion"):
-            if state.get(key) != mine[key]:
+        for key, mine in (("steps", self.steps), ("sparsity", self.sparsity),
+                          ("targets", [t.name for t in self.targets]), ("criterion", type(self.criterion).__name__)):
+            if state.get(key) != mine:
                 raise ValueError(f"this state was saved by a run with {key}={state.get(key)!r}, but this Pruner has "
-                                 f"{key}={mine[key]!r}; create the Pruner with the same arguments")
-        done = state["completed"]
-        if done > 0:
-            total = sum(t.numel for t in self.targets)
-            pruned = sum(0 if t.mask is None else t.numel - int(t.mask.count_nonzero()) for t in self.targets)
-            if abs(pruned / total - self.schedule[done - 1]) > 0.02:
-                raise ValueError(f"the state is after step {done} (sparsity {self.schedule[done - 1]:.4f}) but the "
-                                 f"model's masks have sparsity {pruned / total:.4f}; load the model state_dict saved "
-                                 "with it first (fastprune.load_pruned_state_dict for an unpruned model)")
+                                 f"{key}={mine!r}; create the Pruner with the same arguments")
+        pruned = self._pruned_count()
+        if pruned != state["pruned"]:
+            raise ValueError(f"the state was saved with {state['pruned']} pruned weights (after step "
+                             f"{state['completed']}) but the model's masks prune {pruned}; load the model state_dict "
+                             "saved with it first (fastprune.load_pruned_state_dict for an unpruned model)")
         self.criterion.load_state_dict(state["criterion_state"])
         set_rng_state(state["rng"])
-        self.completed = done
+        self.completed = state["completed"]
 
 
 def prune(model: nn.Module, criterion: Criterion, sparsity: float, *, data: Iterable | None = None,

@@ -114,7 +114,7 @@ def test_load_state_dict_errors():
         fastprune.Pruner(model(), Magnitude(), 0.8, steps=3).load_state_dict(state)
     with pytest.raises(ValueError, match="criterion='Magnitude'"):
         fastprune.Pruner(model(), QM(), 0.8, data=[], steps=4).load_state_dict(state)
-    with pytest.raises(ValueError, match="load the model state_dict saved with it first"):
+    with pytest.raises(ValueError, match="saved with [0-9]+ pruned weights .* load the model state_dict saved with it first"):
         fastprune.Pruner(model(), Magnitude(), 0.8, steps=4).load_state_dict(state)  # masks not loaded
     pruner.run(progress=False)
     with pytest.raises(RuntimeError, match="all 4 steps are done"):
@@ -140,3 +140,22 @@ def test_failed_run_restores_model_and_step_count():
     assert pruner.completed == 1
     for k, v in before.items():
         assert torch.equal(m.state_dict()[k], v), k
+
+
+def test_resume_of_a_model_pruned_before_the_run():
+    """Weights pruned before the run count towards the target, so the model can be
+    sparser than the schedule's step: the state records the actual count."""
+    torch.manual_seed(0)
+    m = model()
+    fastprune.prune(m, Magnitude(), 0.5, progress=False)
+    pruner = fastprune.Pruner(m, Magnitude(), 0.8, steps=4)  # step 1 of the schedule is 33 %
+    pruner.step()
+    state, weights = pruner.state_dict(), _state(m)
+    resumed = model()
+    fastprune.load_pruned_state_dict(resumed, weights)
+    again = fastprune.Pruner(resumed, Magnitude(), 0.8, steps=4)
+    again.load_state_dict(state)
+    again.run(progress=False)
+    pruner.run(progress=False)
+    for k, v in _state(m).items():
+        assert torch.equal(resumed.state_dict()[k], v), k
