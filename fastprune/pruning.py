@@ -12,6 +12,7 @@ from .criteria.base import Criterion
 from .distributed import broadcast_from_first, resolve_group
 from .rng import get_rng_state, set_rng_state
 from .masks import apply_masks, refresh_masked
+from .sparse.frozen import _FrozenPattern
 from .select import keep_counts, nm_masks, parse_pattern, threshold_masks
 from .targets import Target, find_targets
 
@@ -198,6 +199,11 @@ class Pruner:
         self.data, self.loss_fn, self.scope, self.steps = data, loss_fn, scope, steps
         self.group = resolve_group(process_group)
         self.targets = find_targets(model, modules)
+        frozen = [t.name for t in self.targets if isinstance(t.module, _FrozenPattern)]
+        if frozen:
+            raise ValueError(f"{frozen} were converted by fastprune.sparse.to_sparse (their pattern is frozen); call "
+                             "fastprune.sparse.to_dense(model) before pruning them again, or leave them out with "
+                             "modules=")
         self.keep = keep_counts([t.numel for t in self.targets], min_keep)
         self.schedule = geometric_schedule(self.sparsity, steps)
         #: Steps taken so far (0 .. steps).

@@ -420,3 +420,15 @@ def test_two_four_on_gpu_matches_dense_and_round_trips(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(back(x), ref, rtol=1e-2, atol=1e-2)
         torch.testing.assert_close(loaded(x), back(x), rtol=0, atol=0)
+
+
+def test_pruning_a_converted_layer_asks_for_to_dense():
+    model = mlp()
+    fastprune.prune(model, fastprune.criteria.Magnitude(), 0.5, scope="layer", progress=False)
+    converted, _ = to_sparse(model, torch.randn(2, 64), calibrate=False)
+    before = copy.deepcopy(converted.state_dict())
+    with pytest.raises(ValueError, match=r"\['0.weight', '2.weight', '4.weight'\] were converted .*to_dense"):
+        fastprune.prune(converted, fastprune.criteria.Magnitude(), 0.8, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in converted.state_dict().items())
+    fastprune.prune(to_dense(converted), fastprune.criteria.Magnitude(), 0.8, progress=False)
+    assert fastprune.sparsity_report(converted, print_table=False)["global"]["sparsity"] > 0.79
