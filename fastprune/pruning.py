@@ -223,9 +223,8 @@ class Pruner:
 
     def masks(self) -> dict[str, torch.Tensor]:
         """Copies of the current keep-masks (bool), keyed like ``prune``'s result."""
-        return {t.name: (t.mask.to(torch.bool, copy=True) if t.mask is not None else torch.ones(t.shape, dtype=torch.bool,
-                                                                            device=t.param.device))
-                for t in self.targets}
+        return {t.name: t.mask.to(torch.bool, copy=True) if t.mask is not None
+                else torch.ones(t.shape, dtype=torch.bool, device=t.param.device) for t in self.targets}
 
     def step(self) -> dict[str, torch.Tensor]:
         """Takes the next step and returns the applied keep-masks. Everything is computed

@@ -57,14 +57,8 @@ class SampleStream:
             self._rest = self._new_pass()
         finally:
             set_rng_state(now)
-        n = state["taken"]
-        while n > 0:
-            x, y = self._next_batch()
-            k = min(n, len(x))
-            if k < len(x):
-                self._rest = (x[k:], y[k:])
-            self._taken += k
-            n -= k
+        if state["taken"]:
+            self.take(state["taken"])
 
     def _next_batch(self):
         if self._rest is not None:

@@ -215,6 +215,7 @@ class WoodFisher(Criterion):
             inv = invs[k]
             newton = inv.mul(grads[k]) if self._gradient_term and inv is not None else None
             self._pending[k] = (inv, newton)
+            # A rank owning none of this tensor contributes its (empty) share as is.
             shares[k] = obs_scores(inv, self._share(k, w), newton) if inv is not None else self._share(k, w)
         return {k: v.view_as(params[k]) for k, v in self._whole(shares).items()}
 

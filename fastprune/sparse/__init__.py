@@ -2,7 +2,8 @@
 
 ``to_sparse`` swaps pruned Linear/Conv2d layers for :class:`SparseLinear` /
 :class:`SparseConv2d` where a calibration run shows them faster, and the rest for
-:class:`FrozenLinear` / :class:`FrozenConv2d` (masked weight stored once); ``to_dense``
+:class:`FrozenLinear` / :class:`FrozenConv2d` (masked weight stored once); on CUDA,
+2:4-pruned Linear layers may become :class:`SemiStructuredLinear`. ``to_dense``
 reverts; ``save_sparse`` / ``load_sparse`` store only the kept weights.
 """
 from .convert import LayerChoice, SparseReport, to_dense, to_sparse

@@ -171,7 +171,7 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def to_dense(model: nn.Module) -> nn.Module:
-    """Replaces every module :func:`to_sparse` put in (sparse or frozen dense) by its
+    """Replaces every module :func:`to_sparse` put in (sparse, 2:4 or frozen dense) by its
     ``nn.Linear`` / ``nn.Conv2d``, with the pruning mask re-applied (``weight_orig`` /
     ``weight_mask``), in place."""
     sparse = [(name, m) for name, m in model.named_modules() if isinstance(m, CONVERTED)]
