@@ -38,6 +38,11 @@ def _cat_calls(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, 2)
 
 
+def _rows(t: torch.Tensor, s0: int, s1: int) -> torch.Tensor:
+    """Samples [s0, s1) of t, without a slicing call when that is all of them."""
+    return t if s0 == 0 and s1 == t.shape[0] else t[s0:s1]
+
+
 class LayerAdapter:
     """Per-sample statistics of one module's own parameters."""
 
@@ -68,7 +73,9 @@ class LayerAdapter:
         """{name: (sum_n g_n, sum_n g_n**2)} for the requested local parameter names."""
         out = {}
         n = calls[0][0].shape[0]
-        direct = "weight" in names and self.module.weight[0].numel() <= DIRECT_SUMS_MAX_FAN_IN and \
+        weight = self.module.weight
+        # Shapes only: indexing the weight would record an autograd view on every call.
+        direct = "weight" in names and weight.numel() // max(weight.shape[0], 1) <= DIRECT_SUMS_MAX_FAN_IN and \
             self.per_sample_weight(calls, 0, 1) is not None
         if direct:
             # Few inputs per filter (a stem conv): the direct per-sample route beats im2col +
@@ -101,8 +108,8 @@ class LinearAdapter(LayerAdapter):
 
     def grouped(self, calls, s0, s1):
         m = self.module
-        x = _cat_calls([inp[s0:s1].reshape(s1 - s0, 1, -1, m.in_features) for inp, _ in calls])
-        dy = _cat_calls([g[s0:s1].reshape(s1 - s0, 1, -1, m.out_features) for _, g in calls])
+        x = _cat_calls([_rows(inp, s0, s1).reshape(s1 - s0, 1, -1, m.in_features) for inp, _ in calls])
+        dy = _cat_calls([_rows(g, s0, s1).reshape(s1 - s0, 1, -1, m.out_features) for _, g in calls])
         return x, dy
 
     def per_sample(self, calls):
