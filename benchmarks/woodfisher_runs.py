@@ -54,7 +54,7 @@ def mlpnet_section():
     (xt, yt), (xs, ys) = load_mnist("train"), load_mnist("test")
     print("## WoodFisher on MLPNet / MNIST (public checkpoint, dense 93.97 %), 95 % global sparsity\n")
     print("Whole-layer blocks, damp 1e-5, no fine-tuning, seed 0 (published one-shot WoodFisher: 84.18 %). "
-          "One run per row (7 s at most), so times carry the machine's +-15 % noise.\n")
+          "One run per row, so times carry the machine's +-15 % noise.\n")
     print("| steps | gradients / step | test accuracy | time (s) | statistics (s) | inverse + OBS (s) |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")
     runs = [(1, 100)] + [(s, 1000) for s in (1, 2, 4, 8, 16)]
