@@ -16,21 +16,20 @@ from . import _ops
 
 __all__ = ["adapter_for", "LayerAdapter"]
 
-# Unfolded conv inputs are processed in sample tiles of about this many bytes. The
-# blocks' rank-S updates want many samples per tile; the diagonal's sums do not, and
-# small tiles there stay in cache and under glibc's 32 MiB limit above which every
-# allocation is mapped afresh (page faults on every call). On the benchmark CNN an
-# in-process A/B gave 160 -> 132 ms; across processes the gain is within this
-# 2-core machine's noise.
+# Unfolded conv inputs (and direct per-sample gradients) are processed in sample tiles
+# of about this many bytes. The blocks' rank-S updates want many samples per tile; the
+# diagonal's sums do not, and small tiles there stay in cache and under glibc's 32 MiB
+# limit above which every allocation is mapped afresh (page faults on every call). On
+# the benchmark CNN an in-process A/B gave 160 -> 132 ms for unfolded tiles; direct
+# tiles of 4 or 16 MiB ran alike on ResNet-20.
 _UNFOLD_BYTES = 256 << 20
 _SUM_TILE_BYTES = 4 << 20
-# Per-sample conv gradients go by one grouped convolution from this many output
-# positions on (measured on CPU: 2-3x faster at 16x16 and 32x32, slower at 8x8).
-DIRECT_CONV_MIN_POSITIONS = 128
-# The diagonal's sums take that route only for filters with at most this many inputs
-# (C_in/groups * kernel): measured on the benchmark CNN, 8.8 -> 5.5 ms for the 3x3x3 stem,
-# 19 -> 23 ms (slower) for a 32x3x3 layer at 16x16.
-DIRECT_SUMS_MAX_FAN_IN = 64
+# Per-sample conv weight gradients come from one grouped backward-weights convolution
+# over the samples for filters with at most this many inputs (C_in/groups * kernel), and
+# from im2col + GEMMs for wider ones. Measured on CPU, batch 64-128 (ms, grouped vs im2col):
+# 3x3 16->16 at 32x32 11 vs 28, 32->32 at 16x16 5 vs 16, 32->64 stride 2 at 16x16 4 vs 8,
+# 64->64 at 8x8 21 vs 13, 128->128 at 16x16 67 vs 60, 256->256 at 8x8 167 vs 60.
+DIRECT_CONV_MAX_FAN_IN = 288
 
 
 def _cat_calls(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -73,15 +72,11 @@ class LayerAdapter:
         """{name: (sum_n g_n, sum_n g_n**2)} for the requested local parameter names."""
         out = {}
         n = calls[0][0].shape[0]
-        weight = self.module.weight
-        # Shapes only: indexing the weight would record an autograd view on every call.
-        direct = "weight" in names and weight.numel() // max(weight.shape[0], 1) <= DIRECT_SUMS_MAX_FAN_IN and \
-            self.per_sample_weight(calls, 0, 1) is not None
-        if direct:
-            # Few inputs per filter (a stem conv): the direct per-sample route beats im2col +
-            # many thin GEMMs, and its tiles go straight into the one-pass column reduction.
+        if "weight" in names and self.per_sample_weight(calls, 0, 1) is not None:
+            # A layer with a direct per-sample route (narrow convs): its tiles go straight into
+            # the one-pass column reduction.
             numel = self.module.weight.numel()
-            step = max(1, min(n, _UNFOLD_BYTES // (4 * numel)))
+            step = max(1, min(n, _SUM_TILE_BYTES // (4 * numel)))
             grad, sq = _ops.sum_sq(self.per_sample_weight(calls, 0, min(n, step)))
             for s0 in range(step, n, step):
                 g, q = _ops.sum_sq(self.per_sample_weight(calls, s0, min(n, s0 + step)))
@@ -154,28 +149,32 @@ class ConvAdapter(LayerAdapter):
         return _cat_calls(xs), _cat_calls(dys)
 
     def per_sample_weight(self, calls, s0, s1):
-        # Without groups, G_n[o, c, i] = sum_t dy_n[o, t] x_n[c, t * stride + i * dilation - pad] is
-        # itself a convolution of x_n (channels as the batch) with dy_n as the kernel, with stride and
-        # dilation swapped; one grouped conv over the samples does all of them without im2col,
-        # 2-3x faster than unfold + GEMM on large feature maps.
+        # Per-sample weight gradients are the weight gradient of one convolution over the
+        # samples side by side: input (1, S*C, H, W), output gradient (1, S*O, H', W'), groups
+        # S*G. The backward-weights kernel does all of them without im2col; it wins while
+        # each group's filters are narrow (DIRECT_CONV_MAX_FAN_IN).
         m = self.module
-        if m.groups != 1 or calls[0][1][0, 0].numel() < DIRECT_CONV_MIN_POSITIONS:
+        if m.weight.numel() // m.out_channels > DIRECT_CONV_MAX_FAN_IN:
             return None
         total = 0
         for inp, g in calls:
-            inp, k, d, pad, s = self._unfold_args(inp[s0:s1])
-            g = g[s0:s1]
+            inp, k, d, pad, s = self._unfold_args(_rows(inp, s0, s1))
+            g = _rows(g, s0, s1)
             g = g.unsqueeze(2) if g.dim() == 3 else g
             acc = torch.float64 if g.dtype == torch.float64 else torch.float32
             n, c, o = inp.shape[0], inp.shape[1], g.shape[1]
-            res = F.conv2d(inp.to(acc).transpose(0, 1), g.to(acc).reshape(n * o, 1, *g.shape[2:]), padding=pad,
-                           stride=d, dilation=s, groups=n)  # (C, N*O, >=kh, >=kw)
-            total = total + res[:, :, : k[0], : k[1]].reshape(c, n, o, k[0], k[1]).permute(1, 2, 0, 3, 4)
-        return total.reshape(s1 - s0, -1)
+            shape = (n * o, c // m.groups, *k)  # only its shape is read: the result does not depend on W
+            res = torch.ops.aten.convolution_backward(
+                g.to(acc).reshape(1, n * o, *g.shape[2:]), inp.to(acc).reshape(1, n * c, *inp.shape[2:]),
+                inp.new_empty(shape, dtype=acc), None, s, pad, d, False, [0, 0], n * m.groups,
+                [False, True, False])[1]
+            total = total + res.reshape(n, -1)
+        return total
 
     def sample_tile(self, calls, budget=_UNFOLD_BYTES):
         # Unfolded bytes per sample: (Cin/G * kernel) * G * output positions, summed over calls.
-        per_sample = sum(self.module.weight[0].numel() * self.module.groups * g[0, 0].numel() * 4
+        m = self.module
+        per_sample = sum(m.weight.numel() // m.out_channels * m.groups * g[0, 0].numel() * 4
                          for _, g in calls)
         return max(1, min(calls[0][0].shape[0], budget // max(per_sample, 1)))
 

@@ -67,7 +67,10 @@ CONV2D = [dict(stride=s, padding=p, dilation=d, groups=g, bias=b)
 @pytest.mark.parametrize("cfg", CONV2D + [dict(padding="same", dilation=2), dict(padding="same", groups=6),
                                           dict(padding=1, padding_mode="circular"),
                                           dict(padding=(1, 2), padding_mode="reflect", stride=(2, 1))])
-def test_conv2d_grid(cfg):
+@pytest.mark.parametrize("route", ["direct", "im2col"])
+def test_conv2d_grid(cfg, route, monkeypatch):
+    # Either per-sample route for the weight: one grouped backward convolution, or im2col + GEMMs.
+    monkeypatch.setattr(fastprune.layers, "DIRECT_CONV_MAX_FAN_IN", 1 << 30 if route == "direct" else -1)
     conv = nn.Conv2d(6, 4 if cfg.get("groups", 1) != 6 else 6, (3, 2) if cfg.get("padding") != "same" else 4, **cfg)
     model = conv_model(conv, (6, 9, 8))
     assert_stats(model, torch.randn(7, 6, 9, 8, dtype=torch.float64), torch.randint(0, 3, (7,)))
@@ -75,6 +78,7 @@ def test_conv2d_grid(cfg):
 
 def test_conv_sums_over_several_sample_tiles(monkeypatch):
     # A budget of about two samples' unfolded input: the sums run over tiles of 2 and a ragged last one.
+    monkeypatch.setattr(fastprune.layers, "DIRECT_CONV_MAX_FAN_IN", -1)
     monkeypatch.setattr(fastprune.layers, "_SUM_TILE_BYTES", 2 * 6 * 3 * 2 * 7 * 7 * 4)
     conv = nn.Conv2d(6, 4, (3, 2), bias=True)
     model = conv_model(conv, (6, 9, 8))
@@ -90,14 +94,16 @@ def test_conv_stem_direct_route(cfg, tile_bytes, monkeypatch):
     if tile_bytes:
         monkeypatch.setattr(fastprune.layers, "_UNFOLD_BYTES", tile_bytes)
     conv = nn.Conv2d(3, 4, 3, **cfg)
-    assert conv.weight[0].numel() <= fastprune.layers.DIRECT_SUMS_MAX_FAN_IN
+    assert conv.weight[0].numel() <= fastprune.layers.DIRECT_CONV_MAX_FAN_IN
     model = conv_model(conv, (3, 20, 22))
     assert_stats(model, torch.randn(7, 3, 20, 22, dtype=torch.float64), torch.randint(0, 3, (7,)), batch=7)
 
 
 @pytest.mark.parametrize("cfg", [dict(), dict(stride=2, padding=1, dilation=2), dict(groups=5, padding="same"),
                                  dict(padding=2, padding_mode="replicate", bias=False)])
-def test_conv1d(cfg):
+@pytest.mark.parametrize("route", ["direct", "im2col"])
+def test_conv1d(cfg, route, monkeypatch):
+    monkeypatch.setattr(fastprune.layers, "DIRECT_CONV_MAX_FAN_IN", 1 << 30 if route == "direct" else -1)
     model = conv_model(nn.Conv1d(5, 5, 3, **cfg), (5, 11))
     assert_stats(model, torch.randn(6, 5, 11, dtype=torch.float64), torch.randint(0, 3, (6,)))
 
@@ -334,8 +340,8 @@ def test_input_shape_errors():
                           dict(kernel_size=3, stride=2, padding=1, dilation=2, one_d=True),
                           dict(kernel_size=3, groups=3)])
 def test_conv_per_sample_weight_routes(cfg, route, monkeypatch):
-    # The direct (grouped-convolution) route only runs on large feature maps; force either one.
-    monkeypatch.setattr(fastprune.layers, "DIRECT_CONV_MIN_POSITIONS", 0 if route == "direct" else 1 << 30)
+    # The direct (grouped backward convolution) route only runs for narrow filters; force either one.
+    monkeypatch.setattr(fastprune.layers, "DIRECT_CONV_MAX_FAN_IN", 1 << 30 if route == "direct" else -1)
     cfg = dict(cfg)
     one_d = cfg.pop("one_d", False)
     conv = (nn.Conv1d if one_d else nn.Conv2d)(3, 6 if cfg.get("groups") == 3 else 4, **cfg)
