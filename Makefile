@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h')
 TORCH_INCLUDES = $(shell $(PY) -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I' + p for p in include_paths()))")
 
-.PHONY: demo test bench build cuda-check clean
+.PHONY: demo test bench bench-gpu build cuda-check clean
 
 # The criteria comparison on digits (about a minute here): table, CSV, JSON and plots in build/demo.
 demo: $(VENV)/.built
@@ -39,6 +39,14 @@ $(VENV)/.deps: requirements.txt
 $(VENV)/.built: $(VENV)/.deps setup.py pyproject.toml $(CSRC)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
+
+# On a GPU machine whose python3 already holds a CUDA build of torch (nothing is downloaded,
+# no .venv): build the CUDA kernels in place, run the whole suite (tests/test_cuda.py compares
+# every CUDA op and path with the CPU one), then the GPU measurements into build/gpu.md.
+bench-gpu:
+	FASTPRUNE_CUDA=1 $(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PYTHON) -m pytest -q tests
+	mkdir -p build && $(PYTHON) benchmarks/gpu_runs.py | tee build/gpu.md
 
 # Compile-only check of every CUDA file (runs without a GPU or CUDA-enabled torch).
 cuda-check: $(VENV)/.deps
