@@ -2,6 +2,8 @@
 import torch
 from torch import nn
 
+from fastprune.reference import resnet20
+
 
 def lenet300(batch):
     model = nn.Sequential(nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10))
@@ -31,7 +33,13 @@ def ffn(batch):
     return TokenFFN(), torch.randn(batch, 64, 256), torch.randint(0, 10, (batch,))
 
 
-MODELS = {"mlp-256": (lenet300, 256), "mlp-1024": (lenet300, 1024), "cnn-128": (cnn, 128), "ffn-64": (ffn, 64)}
+def resnet(batch):
+    """CIFAR ResNet-20, the pruning literature's standard small model (BatchNorm in eval mode)."""
+    return resnet20(), torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+
+
+MODELS = {"mlp-256": (lenet300, 256), "mlp-1024": (lenet300, 1024), "cnn-128": (cnn, 128), "ffn-64": (ffn, 64),
+          "resnet20-128": (resnet, 128)}
 
 
 def make(key):

@@ -82,10 +82,15 @@ def test_fisher_diag(benchmark, model_key, method):
     if method in ("backpack", "opacus"):
         pytest.importorskip(method)
     model, x, y = make(model_key)
-    if method == "per-sample-loop" and model_key == "mlp-1024":
-        x, y = x[:256], y[:256]  # scaled by 4 in the report
+    if method == "per-sample-loop" and model_key in ("mlp-1024", "resnet20-128"):
+        x, y = x[: len(x) // 4], y[: len(y) // 4]  # scaled by 4 in the report
         benchmark.extra_info["scale"] = 4
     benchmark.group = f"fisher-diag {model_key}"
     benchmark.extra_info["method"] = method
     rounds = ROUNDS | dict(rounds=25) if method in FAST else ROUNDS
-    benchmark.pedantic(METHODS[method](model), args=(x, y), **rounds)
+    try:
+        fn = METHODS[method](model)
+        fn(x, y)
+    except Exception as e:  # e.g. BatchNorm, which some tools do not support
+        pytest.skip(f"{method} fails on {model_key}: {type(e).__name__}: {str(e)[:160]}")
+    benchmark.pedantic(fn, args=(x, y), **rounds)

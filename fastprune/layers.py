@@ -77,6 +77,7 @@ class LayerAdapter:
             # the one-pass column reduction.
             numel = self.module.weight.numel()
             step = max(1, min(n, _SUM_TILE_BYTES // (4 * numel)))
+            step = -(-n // -(-n // step))  # tiles of equal size: no small ragged last one
             grad, sq = _ops.sum_sq(self.per_sample_weight(calls, 0, min(n, step)))
             for s0 in range(step, n, step):
                 g, q = _ops.sum_sq(self.per_sample_weight(calls, s0, min(n, s0 + step)))
