@@ -23,7 +23,6 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -32,6 +31,7 @@ from fastprune.criteria import Magnitude  # noqa: E402
 from fastprune.reference import resnet20  # noqa: E402
 from fastprune.sparse import SemiStructuredLinear, SparseLinear  # noqa: E402
 from models import cnn  # noqa: E402
+from test_bench_fisher import fastprune_diag, plain_step, torch_func  # noqa: E402
 
 
 def median_ms(fn, device, repeats, warmup=3):
@@ -54,26 +54,6 @@ def median_ms(fn, device, repeats, warmup=3):
     return statistics.median(times)
 
 
-def step(model, x, y):
-    model.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-
-
-def stats(model, x, y):
-    fastprune.fisher_diag(model, [(x, y)], return_grad=True, progress=False)
-
-
-def torch_func(model, x, y):
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    buffers = dict(model.named_buffers())
-
-    def loss(p, xn, yn):
-        return F.cross_entropy(functional_call(model, p | buffers, (xn.unsqueeze(0),)), yn.unsqueeze(0))
-
-    ps = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
-    return {k: v.square().mean(0) for k, v in ps.items()}, {k: v.mean(0) for k, v in ps.items()}
-
-
 def fisher_section(device, quick):
     print("## GPU: Fisher diagonal + mean gradient vs a plain training step\n")
     print("Median of 20 calls (CUDA events). Ratios are to the step of the same model and batch.\n")
@@ -89,8 +69,8 @@ def fisher_section(device, quick):
                 model, x, y = resnet20(), torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
             model, x, y = model.to(device).eval(), x.to(device), y.to(device)
             repeats = 3 if quick else 20
-            t_step = median_ms(lambda: step(model, x, y), device, repeats)
-            t_fp = median_ms(lambda: stats(model, x, y), device, repeats)
+            t_step = median_ms(lambda: plain_step(model, x, y), device, repeats)
+            t_fp = median_ms(lambda: fastprune_diag(model, x, y), device, repeats)
             t_func = median_ms(lambda: torch_func(model, x, y), device, repeats)
             print(f"| {name} | {batch} | {t_step:.2f} | {t_fp:.2f} | {t_fp / t_step:.2f} | {t_func:.2f} | "
                   f"{t_func / t_step:.2f} |")

@@ -88,9 +88,10 @@ def test_fisher_diag(benchmark, model_key, method):
     benchmark.group = f"fisher-diag {model_key}"
     benchmark.extra_info["method"] = method
     rounds = ROUNDS | dict(rounds=25) if method in FAST else ROUNDS
-    try:
-        fn = METHODS[method](model)
-        fn(x, y)
-    except Exception as e:  # e.g. BatchNorm, which some tools do not support
-        pytest.skip(f"{method} fails on {model_key}: {type(e).__name__}: {str(e)[:160]}")
+    fn = METHODS[method](model)
+    if method in ("backpack", "opacus"):
+        try:
+            fn(x, y)
+        except Exception as e:  # e.g. Opacus on BatchNorm: a limit of that tool, not a failure here
+            pytest.skip(f"{method} fails on {model_key}: {type(e).__name__}: {str(e)[:160]}")
     benchmark.pedantic(fn, args=(x, y), **rounds)

@@ -59,6 +59,10 @@ class LayerAdapter:
         """Samples per tile for :meth:`grouped`, about ``budget`` bytes of unfolded input."""
         return calls[0][0].shape[0]
 
+    def has_direct_weight(self) -> bool:
+        """Whether :meth:`per_sample_weight` has a direct route for this layer."""
+        return False
+
     def per_sample_weight(self, calls, s0: int, s1: int) -> torch.Tensor | None:
         """Per-sample weight gradients (S, numel) of samples [s0, s1) when the layer has a
         faster direct route than the grouped-linear ops, else None."""
@@ -72,7 +76,7 @@ class LayerAdapter:
         """{name: (sum_n g_n, sum_n g_n**2)} for the requested local parameter names."""
         out = {}
         n = calls[0][0].shape[0]
-        if "weight" in names and self.per_sample_weight(calls, 0, 1) is not None:
+        if "weight" in names and self.has_direct_weight():
             # A layer with a direct per-sample route (narrow convs): its tiles go straight into
             # the one-pass column reduction.
             numel = self.module.weight.numel()
@@ -149,13 +153,17 @@ class ConvAdapter(LayerAdapter):
             dys.append(g[s0:s1].reshape(n, groups, m.out_channels // groups, -1).transpose(2, 3))
         return _cat_calls(xs), _cat_calls(dys)
 
+    def has_direct_weight(self):
+        m = self.module
+        return m.weight.numel() // max(m.out_channels, 1) <= DIRECT_CONV_MAX_FAN_IN
+
     def per_sample_weight(self, calls, s0, s1):
         # Per-sample weight gradients are the weight gradient of one convolution over the
         # samples side by side: input (1, S*C, H, W), output gradient (1, S*O, H', W'), groups
         # S*G. The backward-weights kernel does all of them without im2col; it wins while
         # each group's filters are narrow (DIRECT_CONV_MAX_FAN_IN).
         m = self.module
-        if m.weight.numel() // m.out_channels > DIRECT_CONV_MAX_FAN_IN:
+        if not self.has_direct_weight():
             return None
         total = 0
         for inp, g in calls:
