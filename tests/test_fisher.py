@@ -76,6 +76,14 @@ def test_conv2d_grid(cfg, route, monkeypatch):
     assert_stats(model, torch.randn(7, 6, 9, 8, dtype=torch.float64), torch.randint(0, 3, (7,)))
 
 
+@pytest.mark.parametrize("route", ["direct", "im2col"])
+def test_conv_non_contiguous_input(route, monkeypatch):
+    monkeypatch.setattr(fastprune.layers, "DIRECT_CONV_MAX_FAN_IN", 1 << 30 if route == "direct" else -1)
+    model = conv_model(nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), (4, 9, 7))
+    x = torch.randn(5, 4, 7, 9, dtype=torch.float64).transpose(2, 3)  # (5, 4, 9, 7), non-contiguous
+    assert_stats(model, x, torch.randint(0, 3, (5,)))
+
+
 def test_conv_sums_over_several_sample_tiles(monkeypatch):
     # A budget of about two samples' unfolded input: the sums run over tiles of 2 and a ragged last one.
     monkeypatch.setattr(fastprune.layers, "DIRECT_CONV_MAX_FAN_IN", -1)
