@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import fastprune  # noqa: E402
 from fastprune.criteria import Magnitude  # noqa: E402
-from fastprune.reference import resnet20  # noqa: E402
+from fastprune.bench.reference import resnet20  # noqa: E402
 from fastprune.sparse import SemiStructuredLinear, SparseLinear  # noqa: E402
 from models import cnn  # noqa: E402
 from test_bench_fisher import fastprune_diag, plain_step, torch_func  # noqa: E402

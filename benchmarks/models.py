@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from fastprune.reference import resnet20
+from fastprune.bench.reference import resnet20
 
 
 def lenet300(batch):

@@ -21,7 +21,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import fastprune  # noqa: E402
-from fastprune.reference import MLPNet, load_mlpnet, resnet20  # noqa: E402
+from fastprune.bench.reference import MLPNet, load_mlpnet, resnet20  # noqa: E402
 from fastprune.sparse import save_sparse, to_sparse  # noqa: E402
 
 

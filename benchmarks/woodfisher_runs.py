@@ -23,8 +23,8 @@ sys.path.insert(0, "benchmarks")
 import fastprune  # noqa: E402
 from fastprune.criteria import WoodFisher  # noqa: E402
 from fastprune.criteria import woodfisher as wf_module  # noqa: E402
-from fastprune.models import accuracy  # noqa: E402
-from fastprune.reference import load_mlpnet, load_mnist, load_resnet20  # noqa: E402
+from fastprune.bench.models import accuracy  # noqa: E402
+from fastprune.bench.reference import load_mlpnet, load_mnist, load_resnet20  # noqa: E402
 from woodfisher_style import per_sample_backward, sherman_morrison  # noqa: E402
 
 

@@ -1,5 +1,9 @@
-// Op schemas for the fastprune library. Each backend implements them in
-// csrc/cpu/<family>.cpp or csrc/cuda/<family>.cu with TORCH_LIBRARY_IMPL.
+// Op schemas for the fastprune library, all of them in this one file. Implementations
+// register with TORCH_LIBRARY_IMPL, one file per op family:
+//   csrc/cpu/<family>.cpp and csrc/cuda/<family>.cu  per-device kernels (exact mirrors);
+//   csrc/composite/<family>.cpp  device-generic kernels built from ATen ops
+//                                (fisher_inverse, grad_blocks), one definition for every device;
+//   csrc/buffer_cache.cpp  the CPU kernels' host buffer cache and its empty_cache op.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -1,6 +1,6 @@
-"""``python -m fastprune``: the command line (see fastprune.cli)."""
+"""``python -m fastprune``: the command line (see fastprune.bench.cli)."""
 import sys
 
-from .cli import main
+from .bench.cli import main
 
 sys.exit(main())

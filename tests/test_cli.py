@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from fastprune import cli
-from fastprune.reference import shared_dir
+from fastprune.bench import cli
+from fastprune.bench.reference import shared_dir
 
 TINY = ["bench", "--criteria", "magnitude,qm,taylor", "--sparsities", "0.5,0.9", "--steps", "1,2", "--epochs", "2",
         "--seeds", "0,1", "--quiet"]

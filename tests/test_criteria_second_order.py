@@ -6,11 +6,11 @@ import torch
 from torch import nn
 
 import fastprune
-from fastprune import obs
+from fastprune.second_order import obs
 from fastprune.criteria import OBD, QM, LossModel, Magnitude, Taylor, WoodFisher, WoodTaylor
 from fastprune.inverse import FisherInverse
-from fastprune.stream import SampleStream
-from reference import per_sample_grads
+from fastprune.batches import SampleStream
+from torchfunc_reference import per_sample_grads
 
 
 def batches(n=96, d=20, classes=4, size=32, seed=0):

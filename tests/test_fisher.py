@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastprune
-from reference import diag_and_grad, per_sample_grads
+from fastprune.stats import formulas
+from torchfunc_reference import diag_and_grad, per_sample_grads
 
 
 def batches(x, y, size):
@@ -70,7 +71,7 @@ CONV2D = [dict(stride=s, padding=p, dilation=d, groups=g, bias=b)
 @pytest.mark.parametrize("route", ["direct", "im2col"])
 def test_conv2d_grid(cfg, route, monkeypatch):
     # Either per-sample route for the weight: one grouped backward convolution, or im2col + GEMMs.
-    monkeypatch.setattr(fastprune.layers, "DIRECT_CONV_MAX_FAN_IN", 1 << 30 if route == "direct" else -1)
+    monkeypatch.setattr(formulas, "DIRECT_CONV_MAX_FAN_IN", 1 << 30 if route == "direct" else -1)
     conv = nn.Conv2d(6, 4 if cfg.get("groups", 1) != 6 else 6, (3, 2) if cfg.get("padding") != "same" else 4, **cfg)
     model = conv_model(conv, (6, 9, 8))
     assert_stats(model, torch.randn(7, 6, 9, 8, dtype=torch.float64), torch.randint(0, 3, (7,)))
@@ -78,7 +79,7 @@ def test_conv2d_grid(cfg, route, monkeypatch):
 
 @pytest.mark.parametrize("route", ["direct", "im2col"])
 def test_conv_non_contiguous_input(route, monkeypatch):
-    monkeypatch.setattr(fastprune.layers, "DIRECT_CONV_MAX_FAN_IN", 1 << 30 if route == "direct" else -1)
+    monkeypatch.setattr(formulas, "DIRECT_CONV_MAX_FAN_IN", 1 << 30 if route == "direct" else -1)
     model = conv_model(nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), (4, 9, 7))
     x = torch.randn(5, 4, 7, 9, dtype=torch.float64).transpose(2, 3)  # (5, 4, 9, 7), non-contiguous
     assert_stats(model, x, torch.randint(0, 3, (5,)))
@@ -86,8 +87,8 @@ def test_conv_non_contiguous_input(route, monkeypatch):
 
 def test_conv_sums_over_several_sample_tiles(monkeypatch):
     # A budget of about two samples' unfolded input: the sums run over tiles of 2 and a ragged last one.
-    monkeypatch.setattr(fastprune.layers, "DIRECT_CONV_MAX_FAN_IN", -1)
-    monkeypatch.setattr(fastprune.layers, "_SUM_TILE_BYTES", 2 * 6 * 3 * 2 * 7 * 7 * 4)
+    monkeypatch.setattr(formulas, "DIRECT_CONV_MAX_FAN_IN", -1)
+    monkeypatch.setattr(formulas, "_SUM_TILE_BYTES", 2 * 6 * 3 * 2 * 7 * 7 * 4)
     conv = nn.Conv2d(6, 4, (3, 2), bias=True)
     model = conv_model(conv, (6, 9, 8))
     assert_stats(model, torch.randn(7, 6, 9, 8, dtype=torch.float64), torch.randint(0, 3, (7,)), batch=7)
@@ -100,9 +101,9 @@ def test_conv_stem_direct_route(cfg, tile_bytes, monkeypatch):
     # Few inputs per filter and many positions: the diagonal's sums use the direct per-sample
     # route (optionally over several sample tiles) instead of im2col.
     if tile_bytes:
-        monkeypatch.setattr(fastprune.layers, "_UNFOLD_BYTES", tile_bytes)
+        monkeypatch.setattr(formulas, "_UNFOLD_BYTES", tile_bytes)
     conv = nn.Conv2d(3, 4, 3, **cfg)
-    assert conv.weight[0].numel() <= fastprune.layers.DIRECT_CONV_MAX_FAN_IN
+    assert conv.weight[0].numel() <= formulas.DIRECT_CONV_MAX_FAN_IN
     model = conv_model(conv, (3, 20, 22))
     assert_stats(model, torch.randn(7, 3, 20, 22, dtype=torch.float64), torch.randint(0, 3, (7,)), batch=7)
 
@@ -111,7 +112,7 @@ def test_conv_stem_direct_route(cfg, tile_bytes, monkeypatch):
                                  dict(padding=2, padding_mode="replicate", bias=False)])
 @pytest.mark.parametrize("route", ["direct", "im2col"])
 def test_conv1d(cfg, route, monkeypatch):
-    monkeypatch.setattr(fastprune.layers, "DIRECT_CONV_MAX_FAN_IN", 1 << 30 if route == "direct" else -1)
+    monkeypatch.setattr(formulas, "DIRECT_CONV_MAX_FAN_IN", 1 << 30 if route == "direct" else -1)
     model = conv_model(nn.Conv1d(5, 5, 3, **cfg), (5, 11))
     assert_stats(model, torch.randn(6, 5, 11, dtype=torch.float64), torch.randint(0, 3, (6,)))
 
@@ -349,7 +350,7 @@ def test_input_shape_errors():
                           dict(kernel_size=3, groups=3)])
 def test_conv_per_sample_weight_routes(cfg, route, monkeypatch):
     # The direct (grouped backward convolution) route only runs for narrow filters; force either one.
-    monkeypatch.setattr(fastprune.layers, "DIRECT_CONV_MAX_FAN_IN", 1 << 30 if route == "direct" else -1)
+    monkeypatch.setattr(formulas, "DIRECT_CONV_MAX_FAN_IN", 1 << 30 if route == "direct" else -1)
     cfg = dict(cfg)
     one_d = cfg.pop("one_d", False)
     conv = (nn.Conv1d if one_d else nn.Conv2d)(3, 6 if cfg.get("groups") == 3 else 4, **cfg)

@@ -5,8 +5,8 @@ import torch
 
 import fastprune
 from fastprune.criteria import Magnitude, WoodFisher
-from fastprune.models import accuracy
-from fastprune.reference import load_mlpnet, load_mnist, shared_dir
+from fastprune.bench.models import accuracy
+from fastprune.bench.reference import load_mlpnet, load_mnist, shared_dir
 
 pytestmark = pytest.mark.skipif(not (shared_dir() / "reference" / "woodfisher").exists(),
                                 reason="shared reference data not found; set FASTPRUNE_SHARED")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fastprune.inverse import FisherInverse
-from fastprune.obs import obs_scores, obs_update
+from fastprune.second_order.obs import obs_scores, obs_update
 
 
 def setup(p=24, b=8, n=30, damp=1e-2, lowrank=False):

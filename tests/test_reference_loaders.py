@@ -1,7 +1,7 @@
 """Errors of the shared-data loaders (no shared data needed)."""
 import pytest
 
-from fastprune.reference import load_mlpnet, load_mnist
+from fastprune.bench.reference import load_mlpnet, load_mnist
 
 
 def test_loader_errors(tmp_path):

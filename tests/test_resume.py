@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fastprune
 from fastprune.criteria import QM, Magnitude, WoodFisher
-from fastprune.stream import SampleStream
+from fastprune.batches import SampleStream
 
 
 def model():

@@ -5,9 +5,9 @@ from torch import nn
 
 import fastprune
 from fastprune.criteria import SNIP, GraSP, Magnitude, Random, SynFlow, WoodFisher
-from fastprune.data import load_digits
+from fastprune.bench.data import load_digits
 from fastprune.loops import LotteryTicket
-from fastprune.models import accuracy, mlp
+from fastprune.bench.models import accuracy, mlp
 from fastprune.optim import MaskedAdamW
 from fastprune.schedules import Gradual, GraNet
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..capture import iterate_batches
-from ..losses import per_sample_loss, resolve_loss
+from ..batches import iterate_batches
 from ..masks import refresh_masked, split_param_name
+from ..stats.losses import per_sample_loss, resolve_loss
 from .base import Criterion
 
 __all__ = ["SNIP", "GraSP", "SynFlow"]

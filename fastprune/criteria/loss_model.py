@@ -2,8 +2,8 @@
 Unstructured Pruning": linear (LM / Taylor), quadratic (QM) and OBD."""
 from __future__ import annotations
 
-from ..fisher import fisher_diag
-from ..losses import FISHER_KINDS
+from ..stats.fisher import fisher_diag
+from ..stats.losses import FISHER_KINDS
 from .base import Criterion
 
 __all__ = ["LossModel", "Taylor", "QM", "OBD"]

@@ -7,13 +7,14 @@ import math
 
 import torch
 
-from ..blocks import local_per_sample_gradients
 from ..distributed import (all_gather_rows, all_gather_spans, all_reduce_sum, block_spans, exchange_columns,
                            resolve_group)
-from ..inverse import FisherInverse, _check_budget, _check_damp
+from ..batches import SampleStream
 from ..masks import get_mask, split_param_name
-from ..obs import obs_scores, obs_update
-from ..stream import SampleStream
+from ..memory import check_budget
+from ..second_order.inverse import FisherInverse, _check_damp
+from ..second_order.obs import obs_scores, obs_update
+from ..stats.blocks import local_per_sample_gradients
 from .base import Criterion
 
 __all__ = ["WoodFisher", "WoodTaylor"]
@@ -124,7 +125,7 @@ class WoodFisher(Criterion):
         hint = "use a smaller block_size, or fewer num_grads than block_size for the low-rank path"
         if world > 1 and not self.shard_blocks:
             hint += ", or shard_blocks=True to split the blocks across the ranks"
-        _check_budget(need, self.max_memory, device, f"WoodFisher with N={n} gradients and block_size={self.block_size}",
+        check_budget(need, self.max_memory, device, f"WoodFisher with N={n} gradients and block_size={self.block_size}",
                       hint)
 
     def _collect(self, model, params, alive, x, y, loss_fn):

@@ -23,28 +23,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import _ops
+from .. import _ops
+from ..memory import check_budget
 
-__all__ = ["FisherInverse", "default_max_memory", "first_true"]
-
-
-def default_max_memory(device: torch.device) -> int:
-    """Half of the free device memory (CUDA) or of the available RAM (CPU), in bytes."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] // 2
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024 // 2
-    except (OSError, KeyError, ValueError):  # not Linux: assume 8 GiB free
-        return 4 << 30
-
-
-def _check_budget(need: int, max_memory: int | None, device: torch.device, what: str, hint: str) -> None:
-    budget = default_max_memory(device) if max_memory is None else max_memory
-    if need > budget:
-        raise MemoryError(f"{what} needs about {need / 2**20:.0f} MiB but max_memory allows "
-                          f"{budget / 2**20:.0f} MiB; {hint}, or raise max_memory")
+__all__ = ["FisherInverse", "first_true"]
 
 
 def _check_damp(damp) -> float:
@@ -120,7 +102,7 @@ class FisherInverse:
         if blocks.dim() != 3 or tuple(blocks.shape) != (nb, k, k):
             raise ValueError(f"blocks of shape {tuple(blocks.shape)} do not tile {numel} weights in blocks of "
                              f"{b}; expected ({nb}, {k}, {k})")
-        _check_budget(3 * blocks.numel() * blocks.element_size(), max_memory, blocks.device,
+        check_budget(3 * blocks.numel() * blocks.element_size(), max_memory, blocks.device,
                       f"inverting {nb} Fisher blocks of {k} x {k}", "use a smaller block_size")
         both = valid.unsqueeze(2) & valid.unsqueeze(1)
         return cls(numel, b, damp, slots, inverse=_ops.fisher_inverse(blocks * both, damp))
@@ -146,11 +128,11 @@ class FisherInverse:
         per_block = cls.gather_slots(grads.to(acc), b, index, valid)  # (nb, N, K)
         size = torch.finfo(acc).bits // 8
         if n < k:
-            _check_budget(size * nb * (2 * n * k + 2 * n * n), max_memory, grads.device,
+            check_budget(size * nb * (2 * n * k + 2 * n * n), max_memory, grads.device,
                           f"the low-rank inverse of {nb} block(s) of {k} from {n} gradients",
                           "use fewer gradients or a smaller block_size")
             return cls(numel, b, damp, (index, valid), factor=_ops.lowrank_factor(per_block, damp))
-        _check_budget(size * nb * k * k * 3, max_memory, grads.device, f"inverting {nb} Fisher blocks of {k} x {k}",
+        check_budget(size * nb * k * k * 3, max_memory, grads.device, f"inverting {nb} Fisher blocks of {k} x {k}",
                       "use a smaller block_size, or fewer gradients than block_size for the low-rank path")
         blocks = torch.bmm(per_block.transpose(1, 2), per_block).div_(n)
         return cls(numel, b, damp, (index, valid), inverse=_ops.fisher_inverse(blocks, damp))

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .inverse import FisherInverse, _check_budget, first_true
+from ..memory import check_budget
+from .inverse import FisherInverse, first_true
 
 __all__ = ["obs_scores", "obs_update"]
 
@@ -48,7 +49,7 @@ def _group_step(inv: FisherInverse, r: torch.Tensor, pruned: torch.Tensor, max_m
     k = index.shape[1]
     if k == 0:
         return torch.zeros_like(r)
-    _check_budget(r.element_size() * nb * (b * k + 2 * k * k), max_memory, r.device,
+    check_budget(r.element_size() * nb * (b * k + 2 * k * k), max_memory, r.device,
                   f"the group OBS update of up to {k} weights in each of {nb} block(s) of {b}",
                   "use update=True (independent updates) or a smaller block_size / more steps")
     cols = inv.columns(index) * valid.unsqueeze(1)  # (nb, B, K)

@@ -1,6 +1,6 @@
 """Exact per-sample gradient formulas for the layers fastprune supports natively.
 
-Each adapter turns a module's captured calls ``[(input, output_grad), ...]`` into
+Each formula turns a module's captured calls ``[(input, output_grad), ...]`` into
 per-sample statistics of its parameters. Weights of Linear and Conv1d/Conv2d are
 reduced to a grouped linear map (x, dy) handled by the C++/CUDA ops; biases,
 norm affines and embeddings use short closed forms. Multiple calls of one module
@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _ops
+from .. import _ops
 
-__all__ = ["adapter_for", "LayerAdapter"]
+__all__ = ["formula_for", "PerSampleFormula"]
 
 # Unfolded conv inputs (and direct per-sample gradients) are processed in sample tiles
 # of about this many bytes. The blocks' rank-S updates want many samples per tile; the
@@ -42,10 +42,10 @@ def _rows(t: torch.Tensor, s0: int, s1: int) -> torch.Tensor:
     return t if s0 == 0 and s1 == t.shape[0] else t[s0:s1]
 
 
-class LayerAdapter:
-    """Per-sample statistics of one module's own parameters."""
+class PerSampleFormula:
+    """The exact per-sample gradient formula of one module type's own parameters."""
 
-    #: parameters (local names) this adapter knows how to handle
+    #: parameters (local names) this formula covers
     handles: tuple[str, ...] = ()
 
     def __init__(self, module: nn.Module):
@@ -88,7 +88,7 @@ class LayerAdapter:
                 grad += g
                 sq += q
             out["weight"] = (grad.reshape(self.module.weight.shape), sq.reshape(self.module.weight.shape))
-        elif "weight" in names and type(self).grouped is not LayerAdapter.grouped:
+        elif "weight" in names and type(self).grouped is not PerSampleFormula.grouped:
             step = self.sample_tile(calls, _SUM_TILE_BYTES)
             grad, sq = _ops.grad_sq(*self.grouped(calls, 0, min(n, step)))
             for s0 in range(step, n, step):
@@ -103,7 +103,7 @@ class LayerAdapter:
         return out
 
 
-class LinearAdapter(LayerAdapter):
+class LinearFormula(PerSampleFormula):
     handles = ("weight", "bias")
 
     def grouped(self, calls, s0, s1):
@@ -119,7 +119,7 @@ class LinearAdapter(LayerAdapter):
         return {"bias": parts[0] if len(parts) == 1 else sum(parts)}
 
 
-class ConvAdapter(LayerAdapter):
+class ConvFormula(PerSampleFormula):
     """Conv1d / Conv2d with any stride, padding (incl. 'same' and non-zero modes), dilation, groups."""
 
     handles = ("weight", "bias")
@@ -192,7 +192,7 @@ class ConvAdapter(LayerAdapter):
         return {"bias": sum(g.reshape(n, self.module.out_channels, -1).sum(2) for _, g in calls)}
 
 
-class LayerNormAdapter(LayerAdapter):
+class LayerNormFormula(PerSampleFormula):
     handles = ("weight", "bias")
 
     def per_sample(self, calls):
@@ -207,7 +207,7 @@ class LayerNormAdapter(LayerAdapter):
         return {"weight": w.reshape(n, *size), "bias": b.reshape(n, *size)}
 
 
-class BatchNormAdapter(LayerAdapter):
+class BatchNormFormula(PerSampleFormula):
     """BatchNorm in eval mode: a per-channel affine map of the running statistics."""
 
     handles = ("weight", "bias")
@@ -224,7 +224,7 @@ class BatchNormAdapter(LayerAdapter):
         return {"weight": w, "bias": b}
 
 
-class EmbeddingAdapter(LayerAdapter):
+class EmbeddingFormula(PerSampleFormula):
     """Per-sample gradient rows are sums of output gradients over equal token ids."""
 
     handles = ("weight",)
@@ -247,18 +247,18 @@ class EmbeddingAdapter(LayerAdapter):
         return {"weight": (grad, sq)}
 
 
-_ADAPTERS = ((nn.Linear, LinearAdapter), (nn.Conv1d, ConvAdapter), (nn.Conv2d, ConvAdapter),
-             (nn.LayerNorm, LayerNormAdapter), (nn.modules.batchnorm._BatchNorm, BatchNormAdapter),
-             (nn.Embedding, EmbeddingAdapter))
+_FORMULAS = ((nn.Linear, LinearFormula), (nn.Conv1d, ConvFormula), (nn.Conv2d, ConvFormula),
+             (nn.LayerNorm, LayerNormFormula), (nn.modules.batchnorm._BatchNorm, BatchNormFormula),
+             (nn.Embedding, EmbeddingFormula))
 
 
-def adapter_for(module: nn.Module) -> LayerAdapter | None:
-    """The exact adapter for ``module``'s type, or None (then torch.func is the fallback)."""
-    for kind, adapter in _ADAPTERS:
+def formula_for(module: nn.Module) -> PerSampleFormula | None:
+    """The exact formula for ``module``'s type, or None (then torch.func is the fallback)."""
+    for kind, formula in _FORMULAS:
         if type(module) is kind or (kind is nn.modules.batchnorm._BatchNorm and isinstance(module, kind)):
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.track_running_stats:
                 return None
             if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.sparse):
                 return None
-            return adapter(module)
+            return formula(module)
     return None

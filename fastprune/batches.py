@@ -1,11 +1,27 @@
-"""Drawing a fixed number of samples from a DataLoader, step after step."""
+"""Batch iteration: the ``(inputs, targets)`` batches every data-driven path reads, and
+drawing a fixed number of samples from a DataLoader, step after step."""
 from __future__ import annotations
 
 import torch
 
 from .rng import get_rng_state, set_rng_state
 
-__all__ = ["SampleStream"]
+__all__ = ["iterate_batches", "SampleStream"]
+
+
+def iterate_batches(data, device: torch.device, max_samples: int | None):
+    """Yields (inputs, targets) moved to ``device``, truncated to ``max_samples`` in total."""
+    seen = 0
+    for batch in data:
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise ValueError("data must yield (inputs, targets) batches, e.g. a DataLoader over a TensorDataset")
+        x, y = batch
+        if max_samples is not None:
+            if seen >= max_samples:
+                return
+            x, y = x[: max_samples - seen], y[: max_samples - seen]
+        seen += len(x)
+        yield x.to(device), y.to(device) if isinstance(y, torch.Tensor) else y
 
 
 class SampleStream:

@@ -1,5 +1,5 @@
 // The host buffer cache of buffer_cache.h: exact-size free lists under one mutex.
-#include "../buffer_cache.h"
+#include "buffer_cache.h"
 
 #include <c10/core/CPUAllocator.h>
 #include <torch/library.h>

@@ -17,7 +17,8 @@ import time
 import torch
 from torch import nn
 
-from . import __version__, harness
+from .. import __version__
+from . import harness
 from .data import DATASETS, load_digits, load_idx_dataset, load_mnist1d
 from .models import accuracy, mlp, train
 

@@ -5,10 +5,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import _ops
-from .capture import check_batchnorm, iterate_batches, plan_stats, run_passes
-from .distributed import all_reduce_sum, resolve_group
-from .inverse import _check_budget
+from .. import _ops
+from ..batches import iterate_batches
+from ..distributed import all_reduce_sum, resolve_group
+from ..memory import check_budget
+from .capture import run_passes
+from .plan import check_batchnorm, plan_stats
 from .losses import FISHER_KINDS, fisher_passes, resolve_loss
 
 __all__ = ["fisher_diag"]
@@ -157,16 +159,16 @@ def _check_fallback_memory(plan, batch: int, max_memory: int | None) -> None:
         return
     params = [plan.params[k] for k in plan.fallback]
     need = 2 * batch * sum(p.numel() * p.element_size() for p in params)
-    _check_budget(need, max_memory, params[0].device,
+    check_budget(need, max_memory, params[0].device,
                   f"the torch.func fallback for {sorted(plan.fallback)} on a batch of {batch}",
                   "use smaller batches, or leave these parameters out with modules=")
 
 
 def _pass_sums(plan, calls, fallback):
     """(key, (sum of g_n, sum of g_n**2)) for every covered parameter in one pass."""
-    for name, (adapter, names) in plan.native.items():
+    for name, (formula, names) in plan.native.items():
         if name in calls:
-            for local, (g, q) in adapter.sums(calls[name], names).items():
+            for local, (g, q) in formula.sums(calls[name], names).items():
                 yield (f"{name}.{local}" if name else local), (g, q)
     for key, ps in fallback.items():
         yield key, _ops.sum_sq(ps)

@@ -7,12 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _ops
-from .capture import check_batchnorm, plan_stats, run_passes
-from .distributed import all_gather_rows, all_reduce_sum, resolve_group
-from .inverse import _check_budget
+from .. import _ops
+from ..distributed import all_gather_rows, all_reduce_sum, resolve_group
+from ..memory import check_budget
+from ..targets import find_targets
+from .capture import run_passes
+from .plan import check_batchnorm, plan_stats
 from .losses import resolve_loss
-from .targets import find_targets
 
 __all__ = ["FisherBlocks", "per_sample_gradients", "local_per_sample_gradients"]
 
@@ -24,11 +25,11 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
                                  "loss and the model for overflow")
 
 
-def _weight_per_sample(adapter, calls, s0: int, s1: int) -> torch.Tensor:
+def _weight_per_sample(formula, calls, s0: int, s1: int) -> torch.Tensor:
     """Per-sample weight gradients (S, numel) of samples [s0, s1), by the layer's direct
     route when it has one, else by the grouped-linear op."""
-    ps = adapter.per_sample_weight(calls, s0, s1)
-    return ps if ps is not None else _ops.per_sample_grads(*adapter.grouped(calls, s0, s1))
+    ps = formula.per_sample_weight(calls, s0, s1)
+    return ps if ps is not None else _ops.per_sample_grads(*formula.grouped(calls, s0, s1))
 
 
 def _empirical(y):
@@ -75,7 +76,7 @@ class FisherBlocks:
                          else torch.float32) for name, t in self._targets.items()}
         need = sum(nb * block_size ** 2 * (8 if dt == torch.float64 else 4) for nb, dt in shapes.values())
         device = next(iter(self._targets.values())).param.device
-        _check_budget(need, max_memory, device, f"FisherBlocks(block_size={block_size}) over {len(shapes)} tensors",
+        check_budget(need, max_memory, device, f"FisherBlocks(block_size={block_size}) over {len(shapes)} tensors",
                       "use a smaller block_size, the low-rank path (WoodFisher with num_grads < block_size) or fewer "
                       "modules")
         self._sums = {name: torch.zeros(nb, block_size, block_size, dtype=dt, device=self._targets[name].param.device)
@@ -120,17 +121,17 @@ class FisherBlocks:
             m.eval()
         try:
             for _, calls, fallback in run_passes(self.model, self._plan, inputs, fn, _empirical(targets)):
-                for mod_name, (adapter, _) in self._plan.native.items():
+                for mod_name, (formula, _) in self._plan.native.items():
                     if mod_name not in calls:
                         continue
                     key = f"{mod_name}.weight" if mod_name else "weight"
-                    n, step = len(inputs), adapter.sample_tile(calls[mod_name])
+                    n, step = len(inputs), formula.sample_tile(calls[mod_name])
                     for s0 in range(0, n, step):
-                        ps = adapter.per_sample_weight(calls[mod_name], s0, min(n, s0 + step))
+                        ps = formula.per_sample_weight(calls[mod_name], s0, min(n, s0 + step))
                         if ps is not None:
                             self._add_per_sample(key, ps)
                         else:
-                            _ops.grad_blocks_accumulate(*adapter.grouped(calls[mod_name], s0, min(n, s0 + step)),
+                            _ops.grad_blocks_accumulate(*formula.grouped(calls[mod_name], s0, min(n, s0 + step)),
                                                         self._sums[key])
                     _check_finite(key, self._sums[key])
                 for key, ps in fallback.items():
@@ -208,7 +209,7 @@ def per_sample_gradients(model: nn.Module, inputs: torch.Tensor, targets, loss_f
                              f"every rank; this rank has {len(inputs)} of {total} in all")
     tensors = find_targets(model, modules)
     need = 2 * total * sum(t.numel for t in tensors) * tensors[0].weight.element_size() if tensors else 0
-    _check_budget(need, max_memory, inputs.device, f"per-sample gradients of {total} samples",
+    check_budget(need, max_memory, inputs.device, f"per-sample gradients of {total} samples",
                   "pass fewer samples per call (the sums of fisher_diag and FisherBlocks need no N x params "
                   "buffer)")
     out = local_per_sample_gradients(model, inputs, targets, loss_fn, modules, strict)
@@ -226,10 +227,10 @@ def local_per_sample_gradients(model: nn.Module, inputs: torch.Tensor, targets, 
     plan = plan_stats(model, strict=strict, keys=keys, grouped_only=True)
     out = {}
     for _, calls, fallback in run_passes(model, plan, inputs, fn, _empirical(targets)):
-        for mod_name, (adapter, _) in plan.native.items():
+        for mod_name, (formula, _) in plan.native.items():
             key = f"{mod_name}.weight" if mod_name else "weight"
             if mod_name in calls:
-                out[key] = _weight_per_sample(adapter, calls[mod_name], 0, len(inputs))
+                out[key] = _weight_per_sample(formula, calls[mod_name], 0, len(inputs))
                 _check_finite(key, out[key])
         out.update({k: v.reshape(len(inputs), -1) for k, v in fallback.items()})
     for key in keys:

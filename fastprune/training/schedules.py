@@ -13,11 +13,11 @@ import math
 import torch
 from torch import nn
 
-from .criteria.at_init import _mean_loss_and_weights
-from .criteria.base import Criterion
-from .criteria.magnitude import Magnitude
-from .pruning import _refresh_weight, prune
-from .targets import find_targets
+from ..criteria.at_init import _mean_loss_and_weights
+from ..criteria.base import Criterion
+from ..criteria.magnitude import Magnitude
+from ..pruning import _refresh_weight, prune
+from ..targets import find_targets
 
 __all__ = ["cubic_sparsity", "Gradual", "GraNet"]
 

@@ -18,7 +18,7 @@ __all__ = ["shared_dir", "load_mnist", "MLPNet", "load_mlpnet", "resnet20", "loa
 def shared_dir() -> Path:
     """``$FASTPRUNE_SHARED``, else the ``shared`` folder beside the repository."""
     env = os.environ.get("FASTPRUNE_SHARED")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared"
+    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared"
 
 
 def _need(path: Path) -> Path:

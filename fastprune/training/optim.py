@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import _get_scalar_dtype
 
-from . import _ops
+from .. import _ops
 
 __all__ = ["MaskedSGD", "MaskedAdam", "MaskedAdamW", "masked"]
 

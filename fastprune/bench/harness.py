@@ -13,11 +13,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import criteria as C
-from .criteria import loss_model, woodfisher
-from .inverse import FisherInverse
+from .. import criteria as C
+from ..criteria import loss_model, woodfisher
+from ..pruning import prune
+from ..second_order.inverse import FisherInverse
 from .models import accuracy, train
-from .pruning import prune
 
 __all__ = ["BenchConfig", "CRITERIA", "run", "summarize", "findings", "flops", "config_dict"]
 

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .criteria.magnitude import Magnitude
-from .pruning import _refresh_weight, prune
-from .targets import find_targets
+from ..criteria.magnitude import Magnitude
+from ..pruning import _refresh_weight, prune
+from ..targets import find_targets
 
 __all__ = ["LotteryTicket"]
 

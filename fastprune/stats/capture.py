@@ -1,0 +1,87 @@
+"""One forward, then one backward per Fisher pass, capturing what the statistics need.
+
+Forward hooks record each adapted module's input and output; the backward is
+``torch.autograd.grad`` with respect to those outputs only, so autograd never
+computes the weight gradients of a plain step (the statistics ops do, from the
+captured tensors). Parameters without an exact formula get per-sample gradients
+from ``torch.func`` (vmap over grad), with a one-time warning.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from .losses import per_sample_loss
+from .plan import StatsPlan
+
+__all__ = ["captured_forward", "output_grads", "fallback_per_sample", "run_passes"]
+
+class captured_forward:
+    """Context manager: while active, adapted modules record (input, output) per call."""
+
+    def __init__(self, plan: StatsPlan):
+        self.plan = plan
+        self.calls: dict[str, list[list[torch.Tensor]]] = defaultdict(list)
+
+    def __enter__(self):
+        named = {name: formula.module for name, (formula, _) in self.plan.native.items()}
+
+        def hook_for(name):
+            def hook(module, args, out):
+                if not (isinstance(out, torch.Tensor) and out.requires_grad):
+                    return None
+                self.calls[name].append([args[0].detach(), out])
+                # Hand downstream layers a copy: an in-place op there (ReLU(inplace=True)) would
+                # otherwise rebase `out` in the graph and hide its gradient.
+                return out.clone()
+            return hook
+
+        self.handles = [m.register_forward_hook(hook_for(n)) for n, m in named.items()]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+def output_grads(total: torch.Tensor, calls: dict[str, list[list[torch.Tensor]]]) -> dict[str, list]:
+    """d total / d output of every captured call, as {module: [(input, output_grad), ...]}."""
+    flat = [(name, i) for name, cs in calls.items() for i in range(len(cs))]
+    grads = torch.autograd.grad(total, [calls[n][i][1] for n, i in flat], retain_graph=True, allow_unused=True)
+    out: dict[str, list] = defaultdict(list)
+    for (name, i), g in zip(flat, grads):
+        inp, o = calls[name][i]
+        out[name].append((inp, torch.zeros_like(o) if g is None else g))
+    return out
+
+
+def fallback_per_sample(model: nn.Module, plan: StatsPlan, inputs: torch.Tensor, targets, weight: torch.Tensor,
+                        loss_fn) -> dict[str, torch.Tensor]:
+    """Per-sample gradients (N, *shape) of the fallback parameters via torch.func."""
+    if not plan.fallback:
+        return {}
+    state = {k: v.detach() for k, v in model.named_parameters()} | dict(model.named_buffers())
+    fb = {actual: state[actual] for actual in plan.fallback.values()}
+
+    def loss_one(params, x, t, w):
+        out = functional_call(model, state | params, (x.unsqueeze(0),))
+        return (loss_fn(out, t.unsqueeze(0)) * w).sum()
+
+    ps = vmap(grad(loss_one), in_dims=(None, 0, 0, 0), randomness="different")(fb, inputs, targets, weight)
+    return {key: ps[actual] for key, actual in plan.fallback.items()}
+
+
+def run_passes(model, plan, inputs, loss_fn, make_passes):
+    """Forward once; ``make_passes(outputs)`` yields (targets, sqrt_weight, tag) and, for
+    each, this yields (tag, captured calls with output gradients, fallback per-sample
+    gradients)."""
+    n = len(inputs)
+    with captured_forward(plan) as cap:
+        outputs = model(inputs)
+    for t, w, tag in make_passes(outputs):
+        total = (per_sample_loss(loss_fn, outputs, t, n) * w).sum()
+        calls = output_grads(total, cap.calls) if cap.calls else {}
+        yield tag, calls, fallback_per_sample(model, plan, inputs, t, w, loss_fn)

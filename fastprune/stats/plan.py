@@ -1,0 +1,98 @@
+"""The statistics plan: for every trainable parameter of the model (or of the
+selected modules), the exact per-sample formula that covers it, or the torch.func
+fallback (with a one-time warning; ``strict=True`` raises instead)."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .formulas import PerSampleFormula, formula_for
+
+__all__ = ["StatsPlan", "plan_stats", "check_batchnorm"]
+
+_warned: set[str] = set()
+
+
+@dataclass
+class StatsPlan:
+    """Which parameters are covered and how: keys are ``named_parameters()`` names with
+    torch.nn.utils.prune's ``_orig`` dropped."""
+
+    native: dict[str, tuple[PerSampleFormula, set[str]]] = field(default_factory=dict)  # module name -> (formula, keys)
+    fallback: dict[str, str] = field(default_factory=dict)  # key -> actual parameter name
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # key -> keep-mask of pruned tensors
+    params: dict[str, torch.Tensor] = field(default_factory=dict)  # key -> trainable parameter
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.params)
+
+
+def _key(module_name: str, local: str) -> str:
+    return f"{module_name}.{local}" if module_name else local
+
+
+def plan_stats(model: nn.Module, modules=None, strict: bool = False, keys: set[str] | None = None,
+               grouped_only: bool = False) -> StatsPlan:
+    """Decides, for every trainable parameter (of ``modules`` if given, or with a key in
+    ``keys``), the exact formula or the torch.func fallback. ``grouped_only`` accepts
+    only formulas that expose per-sample gradient tiles (Linear, Conv1d, Conv2d)."""
+    named = dict(model.named_modules())
+    if modules is not None:
+        if isinstance(modules, (str, type)):
+            modules = [modules]
+        unknown = [m for m in modules if isinstance(m, str) and m not in named]
+        if unknown:
+            raise ValueError(f"unknown module name(s) {unknown}; modules with parameters are: "
+                             f"{[n for n, m in named.items() if any(True for _ in m.parameters(recurse=False))]}")
+        types = tuple(m for m in modules if isinstance(m, type))
+        names = {m for m in modules if isinstance(m, str)}
+        named = {n: m for n, m in named.items() if n in names or (types and isinstance(m, types))}
+    plan = StatsPlan()
+    for mod_name, module in named.items():
+        formula = formula_for(module)
+        for actual, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            local = actual[: -len("_orig")] if actual.endswith("_orig") and hasattr(module, actual[:-5] + "_mask") \
+                else actual
+            key = _key(mod_name, local)
+            if keys is not None and key not in keys:
+                continue
+            plan.params[key] = p
+            if local != actual:
+                plan.masks[key] = getattr(module, local + "_mask")
+            exact = formula is not None and local in formula.handles and \
+                (not grouped_only or type(formula).grouped is not PerSampleFormula.grouped)
+            if exact:
+                plan.native.setdefault(mod_name, (formula, set()))[1].add(local)
+            else:
+                what = f"{type(module).__name__} {mod_name!r} ({local})"
+                if strict:
+                    raise ValueError(f"no exact per-sample formula for {what}; pass strict=False to use the "
+                                     "torch.func fallback (slower), or exclude it with modules=")
+                if what not in _warned:
+                    _warned.add(what)
+                    warnings.warn(f"fastprune: no exact per-sample formula for {what}; using torch.func "
+                                  "per-sample gradients for it (slower)", stacklevel=3)
+                plan.fallback[key] = _key(mod_name, actual)
+    if not plan.native and not plan.fallback:
+        raise ValueError("no trainable parameters to collect statistics for (check modules= and requires_grad)")
+    return plan
+
+
+def check_batchnorm(model: nn.Module, bn: str) -> list[nn.Module]:
+    """Raises on train-mode BatchNorm (it mixes samples) unless ``bn="eval"``, in which
+    case those modules are returned for the caller to switch to eval and back."""
+    if bn not in ("raise", "eval"):
+        raise ValueError(f"bn must be 'raise' or 'eval', got {bn!r}")
+    training = [(n, m) for n, m in model.named_modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    if training and bn == "raise":
+        raise ValueError(f"BatchNorm {training[0][0]!r} is in train mode: its batch statistics mix the samples, "
+                         "so per-sample gradients are undefined. Call model.eval() first, or pass bn='eval' to "
+                         "switch BatchNorm to eval mode for the collection and restore it afterwards.")
+    return [m for _, m in training]
