@@ -41,8 +41,6 @@ TORCH_LIBRARY(fastprune, m) {
   // block b (see cpu/fisher_inverse.cpp). Dense: blocks (nb, B, B) hold the mean
   // outer products; returns every F_b^-1 (batched Cholesky).
   m.def("fisher_inverse(Tensor blocks, float damp) -> Tensor");
-  // (F + scale * sum_m g_m g_m^T)^-1 per block from F^-1 (nb, B, B) and grads (nb, M, B).
-  m.def("woodbury_update(Tensor inverse, Tensor grads, float scale) -> Tensor");
   // Low-rank: grads (nb, N, B) -> W (nb, N, B) with F_b^-1 = (I - W^T W) / damp.
   m.def("lowrank_factor(Tensor grads, float damp) -> Tensor");
 

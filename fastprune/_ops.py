@@ -17,7 +17,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
     ) from exc
 
 __all__ = ["kth_smallest", "grad_sq", "sum_sq", "empty_cache", "per_sample_grads", "grad_blocks_accumulate", "fisher_inverse",
-           "woodbury_update", "lowrank_factor", "masked_sgd_", "masked_adam_", "sparse_mm", "sparse_mm_values_grad", "has_cuda_kernels"]
+           "lowrank_factor", "masked_sgd_", "masked_adam_", "sparse_mm", "sparse_mm_values_grad", "has_cuda_kernels"]
 
 
 @torch.library.register_fake("fastprune::kth_smallest")
@@ -56,11 +56,6 @@ def _grad_blocks_accumulate_fake(x, dy, blocks):
 @torch.library.register_fake("fastprune::fisher_inverse")
 def _fisher_inverse_fake(blocks, damp):
     return blocks.new_empty(blocks.shape, dtype=_acc_dtype(blocks))
-
-
-@torch.library.register_fake("fastprune::woodbury_update")
-def _woodbury_update_fake(inverse, grads, scale):
-    return torch.empty_like(inverse)
 
 
 @torch.library.register_fake("fastprune::lowrank_factor")
@@ -134,12 +129,6 @@ def fisher_inverse(blocks: torch.Tensor, damp: float) -> torch.Tensor:
     """(damp I + blocks[b])^-1 for every block of ``blocks`` (num_blocks, B, B), by one
     batched Cholesky; float32 for 16-bit inputs."""
     return torch.ops.fastprune.fisher_inverse(blocks, float(damp))
-
-
-def woodbury_update(inverse: torch.Tensor, grads: torch.Tensor, scale: float) -> torch.Tensor:
-    """(F_b + scale * sum_m g_m g_m^T)^-1 from F_b^-1 (``inverse``, (num_blocks, B, B))
-    and new gradients ``grads`` (num_blocks, M, B), by the Woodbury identity."""
-    return torch.ops.fastprune.woodbury_update(inverse, grads, float(scale))
 
 
 def lowrank_factor(grads: torch.Tensor, damp: float) -> torch.Tensor:

@@ -96,16 +96,21 @@ def test_conv_sums_over_several_sample_tiles(monkeypatch):
 
 @pytest.mark.parametrize("cfg", [dict(), dict(stride=2, padding=1, dilation=2), dict(padding=(2, 1), stride=(1, 2)),
                                  dict(padding=1, padding_mode="circular", bias=False)])
-@pytest.mark.parametrize("tile_bytes", [None, 3 * 27 * 8])
-def test_conv_stem_direct_route(cfg, tile_bytes, monkeypatch):
+@pytest.mark.parametrize("tiles", [1, 3])
+def test_conv_stem_direct_route(cfg, tiles, monkeypatch):
     # Few inputs per filter and many positions: the diagonal's sums use the direct per-sample
-    # route (optionally over several sample tiles) instead of im2col.
-    if tile_bytes:
-        monkeypatch.setattr(formulas, "_UNFOLD_BYTES", tile_bytes)
+    # route (over one tile, or three of 3, 3 and 1 samples) instead of im2col.
     conv = nn.Conv2d(3, 4, 3, **cfg)
     assert conv.weight[0].numel() <= formulas.DIRECT_CONV_MAX_FAN_IN
+    if tiles > 1:  # 4 bytes per weight, 3 samples per tile
+        monkeypatch.setattr(formulas, "_SUM_TILE_BYTES", 3 * 4 * conv.weight.numel())
+    calls = []
+    direct = formulas.ConvFormula.per_sample_weight
+    monkeypatch.setattr(formulas.ConvFormula, "per_sample_weight",
+                        lambda self, c, s0, s1: calls.append(s1 - s0) or direct(self, c, s0, s1))
     model = conv_model(conv, (3, 20, 22))
     assert_stats(model, torch.randn(7, 3, 20, 22, dtype=torch.float64), torch.randint(0, 3, (7,)), batch=7)
+    assert calls == ([7] if tiles == 1 else [3, 3, 1])
 
 
 @pytest.mark.parametrize("cfg", [dict(), dict(stride=2, padding=1, dilation=2), dict(groups=5, padding="same"),

@@ -83,19 +83,6 @@ def test_from_blocks_matches_from_grads():
     torch.testing.assert_close(a.diag(), FisherInverse.from_grads(grads, 1e-4, b).diag())
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-8), (torch.float32, 1e-4)])
-def test_woodbury_refresh_equals_reinverting(dtype, tol):
-    first, more = torch.randn(40, 60, dtype=torch.float64), torch.randn(10, 60, dtype=torch.float64)
-    inv = FisherInverse.from_grads(first.to(dtype), 1e-2, 20)
-    inv.update(more.to(dtype), scale=1 / 40)
-    # F = damp I + first^T first / 40 + more^T more / 40 = damp I + all^T all / 40
-    both = torch.cat([first, more])
-    gb = both.view(50, 3, 20).transpose(0, 1)
-    ref = torch.linalg.inv(gb.transpose(1, 2) @ gb / 40 + 1e-2 * torch.eye(20, dtype=torch.float64))
-    assert rel(inv.inverse, ref) < tol
-    assert rel(inv.diag(), ref.diagonal(0, 1, 2).reshape(-1)) < tol
-
-
 def test_lowrank_factor_op_identity():
     g = torch.randn(3, 6, 40, dtype=torch.float64)
     w = _ops.lowrank_factor(g, 0.5)
@@ -109,8 +96,6 @@ def test_ops_opcheck():
     torch.library.opcheck(torch.ops.fastprune.lowrank_factor.default, (g, 1e-2))
     blocks = g.transpose(1, 2) @ g
     torch.library.opcheck(torch.ops.fastprune.fisher_inverse.default, (blocks, 1e-2))
-    inv = _ops.fisher_inverse(blocks, 1e-2)
-    torch.library.opcheck(torch.ops.fastprune.woodbury_update.default, (inv, torch.randn(2, 3, 8), 0.5))
 
 
 @pytest.mark.parametrize("damp", [0.0, -1e-5, float("nan"), float("inf")])
@@ -148,8 +133,6 @@ def test_shape_errors():
         FisherInverse.from_blocks(torch.zeros(2, 4, 4), 1e-3, 20)
     with pytest.raises(ValueError, match="grads must be"):
         FisherInverse.from_grads(torch.zeros(0, 4), 1e-3, 2)
-    with pytest.raises(ValueError, match="update\\(\\) refreshes the dense form"):
-        FisherInverse.from_grads(torch.randn(2, 8), 1e-3, None).update(torch.randn(1, 8), 1.0)
 
 
 def test_non_contiguous_gradients():
@@ -159,18 +142,6 @@ def test_non_contiguous_gradients():
         inv = FisherInverse.from_grads(grads, 1e-2, b)
         ref_diag, _ = full_ops(explicit_blocks(grads, 1e-2, 60 if b is None else b), 60)
         assert rel(inv.diag(), ref_diag) < 1e-10
-
-
-def test_woodbury_errors():
-    inv = torch.eye(4).expand(2, 4, 4).contiguous()
-    with pytest.raises(RuntimeError, match="scale must be positive"):
-        _ops.woodbury_update(inv, torch.randn(2, 3, 4), 0.0)
-    with pytest.raises(RuntimeError, match="expected grads"):
-        _ops.woodbury_update(inv, torch.randn(2, 3, 5), 1.0)
-    bad = torch.randn(2, 3, 4)
-    bad[0, 0, 0] = float("inf")
-    with pytest.raises(RuntimeError, match="NaN or inf"):
-        _ops.woodbury_update(inv, bad, 1.0)
 
 
 @pytest.mark.parametrize("block_size", [0, -3, 2.5, True])

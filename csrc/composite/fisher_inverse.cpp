@@ -1,8 +1,7 @@
 // Inverses of damped empirical-Fisher blocks, F_b = damp I + (1/N) sum_n g_n[b] g_n[b]^T.
 //
 // Dense path: one batched Cholesky over all blocks (instead of WoodFisher's N
-// sequential Sherman-Morrison updates), plus batched Woodbury refreshes when more
-// gradients arrive. Low-rank path (N < B): the B x B matrix is never formed; with
+// sequential Sherman-Morrison updates). Low-rank path (N < B): the B x B matrix is never formed; with
 // L L^T = N damp I + G G^T (N x N), W = L^-1 G gives F^-1 = (I - W^T W) / damp exactly.
 // Built from ATen's batched GEMM / Cholesky / triangular solves, so one definition
 // serves CPU (LAPACK/MKL) and CUDA (cuBLAS/cuSOLVER batched).
@@ -47,25 +46,6 @@ at::Tensor fisher_inverse(const at::Tensor& blocks_in, double damp) {
   return inv.mT().is_contiguous() ? inv.mT() : inv.contiguous();
 }
 
-// Inverse of (F + scale * sum_m g_m g_m^T) per block from F^-1 (nb, B, B) and new
-// gradients (nb, M, B), by Woodbury: F^-1 - U^T (I / scale + G U^T)^-1 U with U = G F^-1.
-at::Tensor woodbury_update(const at::Tensor& inverse, const at::Tensor& grads_in, double scale) {
-  TORCH_CHECK(scale > 0.0 && std::isfinite(scale), "woodbury_update: scale must be positive and finite, got ",
-              scale);
-  TORCH_CHECK(inverse.dim() == 3 && inverse.size(1) == inverse.size(2), "woodbury_update: expected inverse "
-              "(num_blocks, B, B), got ", inverse.sizes());
-  TORCH_CHECK(grads_in.dim() == 3 && grads_in.size(0) == inverse.size(0) && grads_in.size(2) == inverse.size(1),
-              "woodbury_update: expected grads (num_blocks, M, B) = (", inverse.size(0), ", M, ", inverse.size(1),
-              "), got ", grads_in.sizes());
-  check_finite(grads_in, "gradients", "woodbury_update");
-  const at::Tensor g = grads_in.to(inverse.scalar_type());
-  const at::Tensor u = at::bmm(g, inverse);              // (nb, M, B); F^-1 is symmetric
-  at::Tensor core = at::bmm(u, g.transpose(1, 2));       // (nb, M, M)
-  core.diagonal(0, 1, 2).add_(1.0 / scale);
-  const at::Tensor solved = at::cholesky_solve(u, cholesky(core, "woodbury_update"));  // core^-1 U
-  return inverse - at::bmm(u.transpose(1, 2), solved);
-}
-
 // W (nb, N, B) with (damp I + G^T G / N)^-1 = (I - W^T W) / damp for grads G (nb, N, B).
 at::Tensor lowrank_factor(const at::Tensor& grads_in, double damp) {
   check_damp(damp, "lowrank_factor");
@@ -84,7 +64,6 @@ at::Tensor lowrank_factor(const at::Tensor& grads_in, double damp) {
 
 TORCH_LIBRARY_IMPL(fastprune, CompositeExplicitAutograd, m) {
   m.impl("fisher_inverse", &fisher_inverse);
-  m.impl("woodbury_update", &woodbury_update);
   m.impl("lowrank_factor", &lowrank_factor);
 }
 

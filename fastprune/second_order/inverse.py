@@ -148,15 +148,6 @@ class FisherInverse:
             g = g.gather(1, index.unsqueeze(2).expand(-1, -1, g.shape[2])) * valid.unsqueeze(2)
         return g.transpose(1, 2)
 
-    def update(self, grads: torch.Tensor, scale: float) -> None:
-        """Dense form only: F_b += scale * sum_m g_m[b] g_m[b]^T for new gradients
-        ``grads`` (M, numel), refreshing F^-1 by Woodbury instead of re-inverting."""
-        if self.lowrank:
-            raise ValueError("update() refreshes the dense form; rebuild a low-rank inverse with from_grads")
-        g = self.gather_slots(grads.to(self.dtype), self.block_size, self.index, self.valid)
-        self.inverse = _ops.woodbury_update(self.inverse, g.contiguous(), float(scale))
-        self._diag = None
-
     def _apply(self, vs: torch.Tensor) -> torch.Tensor:
         """F^-1 in slot coordinates on (nb, K, m)."""
         if self.lowrank:

@@ -55,8 +55,9 @@ class PerSampleFormula:
         """The weight as a grouped linear map over samples [s0, s1): x (S, G, T, K), dy (S, G, T, O)."""
         return None
 
-    def sample_tile(self, calls, budget: int = _UNFOLD_BYTES) -> int:
-        """Samples per tile for :meth:`grouped`, about ``budget`` bytes of unfolded input."""
+    def sample_tile(self, calls, budget: int | None = None) -> int:
+        """Samples per tile for :meth:`grouped`, about ``budget`` bytes of unfolded input
+        (default ``_UNFOLD_BYTES``)."""
         return calls[0][0].shape[0]
 
     def has_direct_weight(self) -> bool:
@@ -180,9 +181,9 @@ class ConvFormula(PerSampleFormula):
             total = total + res.reshape(n, -1)
         return total
 
-    def sample_tile(self, calls, budget=_UNFOLD_BYTES):
+    def sample_tile(self, calls, budget=None):
         # Unfolded bytes per sample: (Cin/G * kernel) * G * output positions, summed over calls.
-        m = self.module
+        m, budget = self.module, _UNFOLD_BYTES if budget is None else budget
         per_sample = sum(m.weight.numel() // m.out_channels * m.groups * g[0, 0].numel() * 4
                          for _, g in calls)
         return max(1, min(calls[0][0].shape[0], budget // max(per_sample, 1)))
