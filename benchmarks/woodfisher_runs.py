@@ -15,34 +15,17 @@ import io
 import resource
 import sys
 import time
-from contextlib import contextmanager, redirect_stdout
+from contextlib import redirect_stdout
 
 import torch
 
 sys.path.insert(0, "benchmarks")
 import fastprune  # noqa: E402
 from fastprune.criteria import WoodFisher  # noqa: E402
-from fastprune.criteria import woodfisher as wf_module  # noqa: E402
+from fastprune.profiling import phase_times  # noqa: E402
 from fastprune.bench.models import accuracy  # noqa: E402
 from fastprune.bench.reference import load_mlpnet, load_mnist, load_resnet20  # noqa: E402
 from woodfisher_style import per_sample_backward, sherman_morrison  # noqa: E402
-
-
-@contextmanager
-def timed_statistics(clock):
-    """Adds the time spent forming per-sample gradients to clock['stats']."""
-    real = wf_module.local_per_sample_gradients
-
-    def wrapper(*args, **kwargs):
-        t0 = time.perf_counter()
-        out = real(*args, **kwargs)
-        clock["stats"] += time.perf_counter() - t0
-        return out
-    wf_module.local_per_sample_gradients = wrapper
-    try:
-        yield
-    finally:
-        wf_module.local_per_sample_gradients = real
 
 
 def loader(x, y, seed=0):
@@ -59,8 +42,8 @@ def mlpnet_section():
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")
     runs = [(1, 100)] + [(s, 1000) for s in (1, 2, 4, 8, 16)]
     for steps, n in runs:
-        model, clock = load_mlpnet(), {"stats": 0.0}
-        with timed_statistics(clock):
+        model = load_mlpnet()
+        with phase_times() as clock:
             t0 = time.perf_counter()
             fastprune.prune(model, WoodFisher(block_size=None, num_grads=n, damp=1e-5), 0.95, data=loader(xt, yt),
                             loss_fn="nll", steps=steps, progress=False)
@@ -99,8 +82,8 @@ def resnet_section():
     modules = [torch.nn.Conv2d]
     model = copy.deepcopy(base)
     before = peak_mib()
-    clock = {"stats": 0.0}
-    with timed_statistics(clock):
+
+    with phase_times() as clock:
         t0 = time.perf_counter()
         fastprune.prune(model, WoodFisher(block_size=128, num_grads=1000, damp=1e-5), 0.5, data=[(x, y)],
                         loss_fn="cross_entropy", modules=modules, progress=False)

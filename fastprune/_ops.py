@@ -16,7 +16,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
         "`pip install --no-build-isolation -e .` (torch must be installed first)."
     ) from exc
 
-__all__ = ["kth_smallest", "grad_sq", "sum_sq", "empty_cache", "per_sample_grads", "grad_blocks_accumulate", "fisher_inverse",
+__all__ = ["acc_dtype", "kth_smallest", "grad_sq", "sum_sq", "empty_cache", "per_sample_grads", "grad_blocks_accumulate", "fisher_inverse",
            "lowrank_factor", "masked_sgd_", "masked_adam_", "sparse_mm", "sparse_mm_values_grad", "has_cuda_kernels"]
 
 
@@ -27,25 +27,27 @@ def _kth_smallest_fake(tensors, k):
     return ref.new_empty(()), ref.new_empty((), dtype=torch.long)
 
 
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype every statistic and inverse accumulates in, as the C++/CUDA ops do:
+    float64 for float64 inputs, float32 for everything else (16-bit included)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @torch.library.register_fake("fastprune::grad_sq")
 def _grad_sq_fake(x, dy):
     shape = (x.shape[1], dy.shape[3], x.shape[3])
-    return x.new_empty(shape, dtype=_acc_dtype(x)), x.new_empty(shape, dtype=_acc_dtype(x))
+    return x.new_empty(shape, dtype=acc_dtype(x.dtype)), x.new_empty(shape, dtype=acc_dtype(x.dtype))
 
 
 @torch.library.register_fake("fastprune::sum_sq")
 def _sum_sq_fake(per_sample):
     shape = per_sample.shape[1:]
-    return per_sample.new_empty(shape, dtype=_acc_dtype(per_sample)), per_sample.new_empty(shape, dtype=_acc_dtype(per_sample))
+    return per_sample.new_empty(shape, dtype=acc_dtype(per_sample.dtype)), per_sample.new_empty(shape, dtype=acc_dtype(per_sample.dtype))
 
 
 @torch.library.register_fake("fastprune::per_sample_grads")
 def _per_sample_grads_fake(x, dy):
-    return x.new_empty((x.shape[0], x.shape[1] * dy.shape[3] * x.shape[3]), dtype=_acc_dtype(x))
+    return x.new_empty((x.shape[0], x.shape[1] * dy.shape[3] * x.shape[3]), dtype=acc_dtype(x.dtype))
 
 
 @torch.library.register_fake("fastprune::grad_blocks_accumulate")
@@ -55,12 +57,12 @@ def _grad_blocks_accumulate_fake(x, dy, blocks):
 
 @torch.library.register_fake("fastprune::fisher_inverse")
 def _fisher_inverse_fake(blocks, damp):
-    return blocks.new_empty(blocks.shape, dtype=_acc_dtype(blocks))
+    return blocks.new_empty(blocks.shape, dtype=acc_dtype(blocks.dtype))
 
 
 @torch.library.register_fake("fastprune::lowrank_factor")
 def _lowrank_factor_fake(grads, damp):
-    return grads.new_empty(grads.shape, dtype=_acc_dtype(grads))
+    return grads.new_empty(grads.shape, dtype=acc_dtype(grads.dtype))
 
 
 @torch.library.register_fake("fastprune::sparse_mm")

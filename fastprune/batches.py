@@ -6,7 +6,13 @@ import torch
 
 from .rng import get_rng_state, set_rng_state
 
-__all__ = ["iterate_batches", "SampleStream"]
+__all__ = ["model_device", "iterate_batches", "SampleStream"]
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without any)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def iterate_batches(data, device: torch.device, max_samples: int | None):

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-__all__ = ["apply_masks", "get_mask", "remove_masks", "load_pruned_state_dict", "split_param_name",
-           "refresh_masked"]
+__all__ = ["apply_masks", "get_mask", "pruned_names", "unmasked_name", "remove_masks", "load_pruned_state_dict",
+           "split_param_name", "refresh_masked"]
 
 
 class FastpruneMask(torch_prune.BasePruningMethod):
@@ -43,6 +43,20 @@ def split_param_name(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 def get_mask(module: nn.Module, name: str) -> torch.Tensor | None:
     """The mask of ``module.<name>`` if it is pruned, else None."""
     return getattr(module, name + "_mask", None) if hasattr(module, name + "_orig") else None
+
+
+def pruned_names(module: nn.Module) -> list[str]:
+    """Names of ``module``'s own pruned tensors: each has a ``<name>_orig`` parameter and a
+    ``<name>_mask`` buffer (fastprune's or torch's pruning)."""
+    return [k[: -len("_orig")] for k in module._parameters
+            if k.endswith("_orig") and hasattr(module, k[: -len("_orig")] + "_mask")]
+
+
+def unmasked_name(module: nn.Module, param_name: str) -> str:
+    """The name users know a parameter of ``module`` by: ``weight`` for a pruned
+    ``weight_orig``, the name itself otherwise."""
+    base = param_name[: -len("_orig")]
+    return base if param_name.endswith("_orig") and hasattr(module, base + "_mask") else param_name
 
 
 def refresh_masked(module: nn.Module, name: str) -> None:
@@ -95,9 +109,8 @@ def remove_masks(model: nn.Module) -> nn.Module:
     """Makes pruning permanent: every pruned tensor becomes a plain parameter holding
     ``orig * mask`` (``torch.nn.utils.prune.remove`` on each)."""
     for module in model.modules():
-        for name in [k[: -len("_orig")] for k in list(module._parameters) if k.endswith("_orig")]:
-            if hasattr(module, name + "_mask"):
-                torch_prune.remove(module, name)
+        for name in pruned_names(module):
+            torch_prune.remove(module, name)
     return model
 
 

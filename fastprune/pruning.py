@@ -8,11 +8,12 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 from tqdm.auto import tqdm
 
-from .criteria.base import Criterion
+from .criteria.base import Criterion, PruningStep
 from .distributed import broadcast_from_first, resolve_group
+from .errors import check_finite
 from .rng import get_rng_state, set_rng_state
-from .masks import apply_masks, refresh_masked
-from .sparse.frozen import _FrozenPattern
+from .masks import apply_masks
+from .sparse.frozen import FrozenPattern
 from .select import keep_counts, nm_masks, parse_pattern, threshold_masks
 from .targets import Target, find_targets
 
@@ -23,11 +24,6 @@ def geometric_schedule(sparsity: float, steps: int) -> list[float]:
     """Sparsities 1 - (1 - s)^(k / steps), k = 1..steps: each step removes the same
     fraction of the weights still alive."""
     return [1.0 - (1.0 - sparsity) ** (k / steps) for k in range(1, steps + 1)]
-
-
-def _refresh_weight(t: Target) -> None:
-    """Recomputes the masked weight now, as torch's pruning hook does before each forward."""
-    refresh_masked(t.module, t.tensor_name)
 
 
 class _Snapshot:
@@ -45,7 +41,7 @@ class _Snapshot:
                 t.mask.copy_(mask)
             t.param.copy_(weight)
             if mask is not None:
-                _refresh_weight(t)
+                t.refresh()
 
 
 def _check_scores(criterion: Criterion, scores, targets: list[Target]) -> list[torch.Tensor]:
@@ -63,11 +59,9 @@ def _check_scores(criterion: Criterion, scores, targets: list[Target]) -> list[t
                              f"expected {tuple(t.shape)}")
         if not s.is_floating_point():
             s = s.float()
-        if not bool(torch.isfinite(s).all()):
-            bad = int((~torch.isfinite(s)).sum())
-            raise ValueError(f"{criterion!r} returned {bad} non-finite score(s) (NaN or inf) for {t.name!r}; "
-                             "check the model, data and loss for NaN/inf")
         out.append(s.detach())
+    check_finite([(t.name, s) for t, s in zip(targets, out)], f"{criterion!r} returned non-finite scores",
+                 "check the model, data and loss for NaN/inf")
     dtype = out[0].dtype
     for s in out[1:]:
         dtype = torch.promote_types(dtype, s.dtype)
@@ -77,10 +71,12 @@ def _check_scores(criterion: Criterion, scores, targets: list[Target]) -> list[t
 def _check_weights(criterion: Criterion, weights, targets: list[Target]) -> None:
     for t in targets:
         w = weights.get(t.name) if isinstance(weights, dict) else None
-        if w is not None and (w.shape != t.shape or not bool(torch.isfinite(w).all())):
-            raise ValueError(f"{criterion!r} compensated {t.name!r} with a tensor of shape {tuple(w.shape)} "
-                             f"or non-finite values; expected finite values of shape {tuple(t.shape)}. "
-                             "For OBS criteria this means the Fisher is ill-conditioned: increase damp")
+        if w is not None and w.shape != t.shape:
+            raise ValueError(f"{criterion!r} compensated {t.name!r} with a tensor of shape {tuple(w.shape)}; "
+                             f"expected {tuple(t.shape)}")
+    check_finite([(t.name, weights[t.name]) for t in targets if isinstance(weights, dict) and t.name in weights],
+                 f"{criterion!r} compensated with non-finite weights",
+                 "for OBS criteria this means the Fisher is ill-conditioned: increase damp")
 
 
 @torch.no_grad()
@@ -88,7 +84,7 @@ def _write_weights(weights: dict[str, torch.Tensor], targets: list[Target]) -> N
     for t in targets:
         if t.name in weights:
             t.param.copy_(weights[t.name])
-            _refresh_weight(t)
+            t.refresh()
 
 
 def _check_capacity(targets: list[Target], keep: list[int], sparsity: float, per_tensor: list[float] | None,
@@ -197,9 +193,9 @@ class Pruner:
             raise ValueError(f"{criterion!r} needs data: pass data=... (batches of (inputs, targets)) and loss_fn")
         self.model, self.criterion, self.sparsity = model, criterion, float(sparsity)
         self.data, self.loss_fn, self.scope, self.steps = data, loss_fn, scope, steps
-        self.group = resolve_group(process_group)
+        self.process_group, self.group = process_group, resolve_group(process_group)
         self.targets = find_targets(model, modules)
-        frozen = [t.name for t in self.targets if isinstance(t.module, _FrozenPattern)]
+        frozen = [t.name for t in self.targets if isinstance(t.module, FrozenPattern)]
         if frozen:
             raise ValueError(f"{frozen} were converted by fastprune.sparse.to_sparse (their pattern is frozen); call "
                              "fastprune.sparse.to_dense(model) before pruning them again, or leave them out with "
@@ -234,7 +230,10 @@ class Pruner:
         targets, criterion = self.targets, self.criterion
         step_sparsity = self.schedule[self.completed]
         current = self._params()
-        scores = _check_scores(criterion, criterion.scores(self.model, current, self.data, self.loss_fn), targets)
+        state = PruningStep(self.model, targets, current, {t.name: t.mask for t in targets}, self.data, self.loss_fn,
+                            self.process_group)
+        scores, context = criterion.score_step(state)
+        scores = _check_scores(criterion, scores, targets)
         alloc = criterion.allocation(current, step_sparsity)
         amount = (step_sparsity if self.scope == "global" else [step_sparsity] * len(targets)) if alloc is None \
             else [alloc[t.name] for t in targets]
@@ -244,7 +243,7 @@ class Pruner:
             new = nm_masks(scores, [t.mask for t in targets], [t.name for t in targets], *self.nm)
         del scores
         masks = {t.name: m for t, m in zip(targets, new)}
-        weights = criterion.compensate(self.model, current, {t.name: t.mask for t in targets}, masks)
+        weights = criterion.compensate(state, masks, context)
         # Every rank applies rank 0's decision, so a DDP model stays identical whatever the
         # criterion computes per rank (ties, a user criterion's own statistics).
         broadcast_from_first(list(masks.values()) + (list(weights.values()) if weights is not None else []),

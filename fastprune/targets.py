@@ -1,15 +1,15 @@
 """Which parameters a pruning call acts on."""
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .masks import get_mask
+from .masks import get_mask, refresh_masked
 
-__all__ = ["Target", "DEFAULT_PRUNABLE", "find_targets"]
+__all__ = ["Target", "DEFAULT_PRUNABLE", "find_targets", "select_modules"]
 
 #: Module types whose ``weight`` is pruned by default (biases and norms are not).
 DEFAULT_PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -41,6 +41,11 @@ class Target:
     def mask(self) -> torch.Tensor | None:
         return get_mask(self.module, self.tensor_name)
 
+    def refresh(self) -> None:
+        """Recomputes the masked weight now, as torch's pruning hook does before each
+        forward (after in-place changes to the parameter or the mask)."""
+        refresh_masked(self.module, self.tensor_name)
+
     @property
     def shape(self) -> torch.Size:
         return self.param.shape
@@ -55,6 +60,31 @@ def _has_weight(module: nn.Module) -> bool:
         module._parameters.get("weight"), nn.Parameter)
 
 
+def select_modules(model: nn.Module, modules: Iterable[str | type] | str | type, has: Callable[[nn.Module], bool],
+                   what: str) -> dict[str, nn.Module]:
+    """The modules of ``model`` that ``modules=`` selects, in ``named_modules()`` order:
+    those named (as in ``model.named_modules()``) and those of the listed types, kept
+    where ``has(module)``. A named module without ``what`` (e.g. "weight parameter") is an error,
+    as is an unknown name. The one parser of ``modules=`` for every entry point."""
+    named = dict(model.named_modules())
+    modules = [modules] if isinstance(modules, (str, type)) else list(modules)
+    bad = [m for m in modules if not isinstance(m, (str, type))]
+    if bad:
+        raise TypeError(f"modules= takes module names or nn.Module types, got {bad!r}")
+    names = {m for m in modules if isinstance(m, str)}
+    types = tuple(m for m in modules if isinstance(m, type))
+    valid = [n for n, m in named.items() if has(m)]
+    unknown = sorted(n for n in names if n not in named)
+    if unknown:
+        raise ValueError(f"unknown module name(s) {unknown}; the modules with {what} are: {valid}")
+    lacking = [n for n in named if n in names and not has(named[n])]
+    if lacking:
+        kinds = [type(named[n]).__name__ for n in lacking]
+        raise ValueError(f"module(s) {lacking} ({', '.join(kinds)}) have no {what}; the modules with {what} are: "
+                         f"{valid}")
+    return {n: m for n, m in named.items() if (n in names or (types and isinstance(m, types))) and has(m)}
+
+
 def find_targets(model: nn.Module, modules: Iterable[str | type] | str | type | None = None) -> list[Target]:
     """The ``weight`` tensors to prune, in ``model.named_modules()`` order.
 
@@ -62,31 +92,11 @@ def find_targets(model: nn.Module, modules: Iterable[str | type] | str | type | 
     ``modules`` lists module names (as in ``model.named_modules()``) and/or module
     types; a named module must own a ``weight`` parameter.
     """
-    named = dict(model.named_modules())
     if modules is None:
-        selected = [n for n, m in named.items() if isinstance(m, DEFAULT_PRUNABLE) and _has_weight(m)]
+        selected = [n for n, m in model.named_modules() if isinstance(m, DEFAULT_PRUNABLE) and _has_weight(m)]
     else:
-        if isinstance(modules, (str, type)):
-            modules = [modules]
-        modules = list(modules)
-        names = [m for m in modules if isinstance(m, str)]
-        types = tuple(m for m in modules if isinstance(m, type))
-        bad = [m for m in modules if not isinstance(m, (str, type))]
-        if bad:
-            raise TypeError(f"modules= takes module names or nn.Module types, got {bad!r}")
-        valid = [n for n, m in named.items() if _has_weight(m)]
-        unknown = [n for n in names if n not in named]
-        if unknown:
-            raise ValueError(f"unknown module name(s) {unknown}; modules with a weight are: {valid}")
-        no_weight = [n for n in names if not _has_weight(named[n])]
-        if no_weight:
-            kinds = [type(named[n]).__name__ for n in no_weight]
-            raise ValueError(f"module(s) {no_weight} ({', '.join(kinds)}) have no weight parameter to prune; "
-                             f"modules with a weight are: {valid}")
-        wanted = set(names)
-        selected = [n for n, m in named.items()
-                    if (n in wanted or (types and isinstance(m, types))) and _has_weight(m)]
+        selected = list(select_modules(model, modules, _has_weight, "weight parameter to prune"))
     if not selected:
         raise ValueError("no prunable parameters found: the model has no Linear/Conv1d/Conv2d/Conv3d weight "
                          "(or none matched modules=); name the modules to prune with modules=[...]")
-    return [Target(name=f"{n}.weight" if n else "weight", module=named[n]) for n in selected]
+    return [Target(name=f"{n}.weight" if n else "weight", module=model.get_submodule(n)) for n in selected]

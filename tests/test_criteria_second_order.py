@@ -189,8 +189,8 @@ class BadCompensation(Magnitude):
     def __init__(self, value):
         self.value = value
 
-    def compensate(self, model, params, old_masks, new_masks):
-        return {k: self.value(w) for k, w in params.items()}
+    def compensate(self, step, new_masks, context):
+        return {k: self.value(w) for k, w in step.params.items()}
 
 
 @pytest.mark.parametrize("value", [lambda w: w.flatten(), lambda w: torch.full_like(w, float("nan"))])

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastprune
+from fastprune.errors import NonFiniteError
 from fastprune.stats import formulas
 from torchfunc_reference import diag_and_grad, per_sample_grads
 
@@ -302,10 +303,12 @@ def test_non_finite_gradients_name_the_module():
     model = nn.Sequential(nn.Linear(3, 2))
     x = torch.randn(4, 3)
     x[1, 0] = float("inf")
-    with pytest.raises(FloatingPointError, match="'0.weight'"):
+    with pytest.raises(NonFiniteError, match="'0.weight'"):
         fastprune.fisher_diag(model, [(x, torch.tensor([0, 1, 0, 1]))], progress=False)
-    with pytest.raises(FloatingPointError, match="'0.weight'"):
+    with pytest.raises(NonFiniteError, match="'0.weight'"):
         fastprune.FisherBlocks(model, 3).accumulate(x, torch.tensor([0, 1, 0, 1]))
+    with pytest.raises(NonFiniteError, match="'0.weight'"):
+        fastprune.per_sample_gradients(model, x, torch.tensor([0, 1, 0, 1]))
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from fastprune import _ops
+from fastprune.errors import NonFiniteError
 from fastprune.inverse import FisherInverse
 
 
@@ -109,10 +110,14 @@ def test_bad_damp(damp):
 def test_non_finite_gradients():
     g = torch.randn(4, 10)
     g[1, 3] = float("nan")
-    with pytest.raises(RuntimeError, match="NaN or inf"):
+    with pytest.raises(NonFiniteError, match="NaN or inf"):
         FisherInverse.from_grads(g, 1e-3, 5)  # dense
-    with pytest.raises(RuntimeError, match="NaN or inf"):
+    with pytest.raises(NonFiniteError, match="NaN or inf"):
         FisherInverse.from_grads(g, 1e-3, None)  # low-rank
+    with pytest.raises(NonFiniteError, match="Fisher blocks"):
+        FisherInverse.from_blocks(g.view(2, 4, 5).transpose(1, 2) @ g.view(2, 4, 5), 1e-3, 10)
+    with pytest.raises(RuntimeError, match="NaN or inf"):  # the op's own check, for direct callers
+        _ops.lowrank_factor(g.view(2, 4, 5), 1e-3)
 
 
 def test_memory_budget():

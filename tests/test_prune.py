@@ -8,6 +8,7 @@ from torch.nn.utils import prune as torch_prune
 
 import fastprune
 from fastprune.criteria import Criterion, Magnitude, Random
+from fastprune.errors import NonFiniteError
 
 
 def layer_sparsity(model):
@@ -179,8 +180,8 @@ class Failing(Magnitude):
     (dict(criterion=Magnitude(), sparsity=0.5, modules=[nn.Conv2d]), ValueError, "no prunable parameters"),
     (dict(criterion=Magnitude(), sparsity=0.5, min_keep=-1), ValueError, "min_keep"),
     (dict(criterion=Const(lambda w: w.flatten()), sparsity=0.5), ValueError, "shape"),
-    (dict(criterion=Const(lambda w: w.abs() / 0), sparsity=0.5), ValueError, "non-finite"),
-    (dict(criterion=Const(lambda w: w.abs() * float("nan")), sparsity=0.5), ValueError, "non-finite"),
+    (dict(criterion=Const(lambda w: w.abs() / 0), sparsity=0.5), NonFiniteError, "non-finite"),
+    (dict(criterion=Const(lambda w: w.abs() * float("nan")), sparsity=0.5), NonFiniteError, "non-finite"),
     (dict(criterion=Failing(), sparsity=0.9, steps=3), RuntimeError, "criterion failed"),
     (dict(criterion="magnitude", sparsity=0.5), TypeError, "Criterion"),
 ])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -14,9 +13,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import criteria as C
-from ..criteria import loss_model, woodfisher
 from ..pruning import prune
-from ..second_order.inverse import FisherInverse
+from ..profiling import phase_times
 from .models import accuracy, train
 
 __all__ = ["BenchConfig", "CRITERIA", "run", "summarize", "findings", "flops", "config_dict"]
@@ -78,35 +76,6 @@ def flops(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
     return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
 
-@contextmanager
-def _clock(times: dict[str, float]):
-    """Adds the time spent in the statistics (Fisher diagonal, per-sample gradients), the
-    Fisher inverses and the OBS weight update to ``times``."""
-    patches = [(loss_model, "fisher_diag", "stats"), (woodfisher, "local_per_sample_gradients", "stats"),
-               (woodfisher, "obs_update", "update")]
-    saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patches]
-    inverse_makers = {name: FisherInverse.__dict__[name] for name in ("from_blocks", "from_grads")}
-
-    def timed(fn, key):
-        def wrapper(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                times[key] += time.perf_counter() - t0
-        return wrapper
-
-    for (mod, name, key), (_, _, fn) in zip(patches, saved):
-        setattr(mod, name, timed(fn, key))
-    for name, maker in inverse_makers.items():
-        setattr(FisherInverse, name, classmethod(timed(maker.__func__, "inverse")))
-    try:
-        yield
-    finally:
-        for mod, name, fn in saved:
-            setattr(mod, name, fn)
-        for name, maker in inverse_makers.items():
-            setattr(FisherInverse, name, maker)
 
 
 @torch.no_grad()
@@ -127,8 +96,7 @@ def run(dense: nn.Module, x_tr, y_tr, x_te, y_te, config: BenchConfig, progress:
         torch.manual_seed(seed)
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_tr, y_tr), batch_size=config.batch_size,
                                              shuffle=True, generator=torch.Generator().manual_seed(seed))
-        times = {"stats": 0.0, "inverse": 0.0, "update": 0.0}
-        with _clock(times):
+        with phase_times() as times:
             t0 = time.perf_counter()
             prune(model, factory(config, seed), sparsity, data=loader, loss_fn="cross_entropy", steps=steps, scope=scope,
                   progress=False)

@@ -8,35 +8,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..batches import iterate_batches
-from ..masks import refresh_masked, split_param_name
-from ..stats.losses import per_sample_loss, resolve_loss
+from ..batches import model_device
+from ..masks import pruned_names, refresh_masked
+from ..stats.losses import effective_weights, mean_batch_losses
 from .base import Criterion
 
 __all__ = ["SNIP", "GraSP", "SynFlow"]
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _effective_weights(model: nn.Module, names) -> list[torch.Tensor]:
-    """The tensors the last forward used as weights (``orig * mask`` for pruned ones)."""
-    return [getattr(*split_param_name(model, n)) for n in names]
-
-
-def _mean_loss_and_weights(model, names, data, loss_fn, num_batches, temperature=1.0):
-    """Yields (mean loss over one batch, weights used by that forward) for up to num_batches batches."""
-    fn, _ = resolve_loss(loss_fn)
-    batches = 0
-    for x, y in iterate_batches(data, _device(model), None):
-        if batches == num_batches:
-            return
-        out = model(x) / temperature
-        yield per_sample_loss(fn, out, y, len(x)).mean(), _effective_weights(model, names)
-        batches += 1
-    if batches == 0:
-        raise ValueError("data yielded no batches")
 
 
 class SNIP(Criterion):
@@ -53,7 +30,7 @@ class SNIP(Criterion):
     def scores(self, model, params, data=None, loss_fn=None):
         names = list(params)
         grads = [torch.zeros_like(w) for w in params.values()]
-        for loss, weights in _mean_loss_and_weights(model, names, data, loss_fn, self.num_batches):
+        for loss, weights in mean_batch_losses(model, names, data, loss_fn, self.num_batches):
             for acc, g in zip(grads, torch.autograd.grad(loss, weights)):
                 acc += g
         return {n: (g * params[n]).abs() for n, g in zip(names, grads)}
@@ -77,11 +54,11 @@ class GraSP(Criterion):
         names = list(params)
         batches = list(_batches_for(data, self.num_batches))
         g = [torch.zeros_like(w) for w in params.values()]
-        for loss, weights in _mean_loss_and_weights(model, names, batches, loss_fn, self.num_batches, self.temperature):
+        for loss, weights in mean_batch_losses(model, names, batches, loss_fn, self.num_batches, self.temperature):
             for acc, gi in zip(g, torch.autograd.grad(loss, weights)):
                 acc += gi
         hg = [torch.zeros_like(w) for w in params.values()]
-        for loss, weights in _mean_loss_and_weights(model, names, batches, loss_fn, self.num_batches, self.temperature):
+        for loss, weights in mean_batch_losses(model, names, batches, loss_fn, self.num_batches, self.temperature):
             grads = torch.autograd.grad(loss, weights, create_graph=True)
             dot = sum((gi * ci).sum() for gi, ci in zip(grads, g))
             for acc, h in zip(hg, torch.autograd.grad(dot, weights)):
@@ -128,9 +105,9 @@ class SynFlow(Criterion):
             model.eval()
             for t in tensors:  # |w| in float64: products over many layers overflow float32
                 t.data = t.data.double().abs() if isinstance(t, nn.Parameter) else t.data.double()
-            ones = torch.ones((1, *shape), dtype=torch.float64, device=_device(model))
+            ones = torch.ones((1, *shape), dtype=torch.float64, device=model_device(model))
             out = model(ones)
-            weights = _effective_weights(model, list(params))
+            weights = effective_weights(model, list(params))
             grads = torch.autograd.grad(out.sum(), weights)
             return {n: (g * w).detach().abs().to(params[n].dtype) for n, g, w in zip(params, grads, weights)}
         finally:
@@ -139,6 +116,5 @@ class SynFlow(Criterion):
             model.load_state_dict(state)
             model.train(training)
             for module in model.modules():  # the hooks' masked weights are still the |w| float64 ones
-                for name in [k[: -len("_orig")] for k in module._parameters if k.endswith("_orig")]:
-                    if hasattr(module, name + "_mask"):
-                        refresh_masked(module, name)
+                for name in pruned_names(module):
+                    refresh_masked(module, name)

@@ -1,18 +1,58 @@
 """The criterion interface shared by every pruning criterion."""
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-__all__ = ["Criterion"]
+from ..masks import split_param_name
+from ..targets import Target
+
+__all__ = ["Criterion", "PruningStep"]
+
+
+@dataclass
+class PruningStep:
+    """What the pruning loop knows at one step, handed to :meth:`Criterion.score_step`
+    and :meth:`Criterion.compensate`.
+
+    Attributes:
+        model: the model being pruned.
+        targets: the tensors pruned, in order.
+        params: ``{name: current effective (masked) weight}`` of the targets.
+        masks: ``{name: current keep-mask, or None while the tensor is unpruned}``.
+        data, loss_fn: as given to ``fastprune.prune``.
+        process_group: as given to ``fastprune.prune`` (None: the default group when
+            torch.distributed is initialised); statistics are summed over it.
+    """
+
+    model: nn.Module
+    targets: list[Target]
+    params: dict[str, torch.Tensor]
+    masks: dict[str, torch.Tensor | None]
+    data: Iterable | None = None
+    loss_fn: object = None
+    process_group: object = None
+
+    @classmethod
+    def of(cls, model: nn.Module, params: dict[str, torch.Tensor], data=None, loss_fn=None) -> "PruningStep":
+        """The step of a standalone ``scores(model, params, ...)`` call: targets and masks
+        are looked up in ``model`` by the names of ``params``."""
+        targets = [Target(name, *split_param_name(model, name)) for name in params]
+        return cls(model, targets, dict(params), {t.name: t.mask for t in targets}, data, loss_fn)
 
 
 class Criterion:
     """Scores weights for pruning: lower scores are pruned first.
 
-    Subclasses implement :meth:`scores`. The returned dict, keyed like
-    ``model.named_parameters()`` (``_orig`` dropped), can also be passed as
-    ``importance_scores`` to ``torch.nn.utils.prune.global_unstructured``.
+    A simple criterion implements :meth:`scores`. One that needs what the pruning
+    loop knows (the current masks, the process group) or that moves the surviving
+    weights implements :meth:`score_step` and :meth:`compensate`, which receive the
+    :class:`PruningStep`. The scores, keyed like ``model.named_parameters()``
+    (``_orig`` dropped), can also be passed as ``importance_scores`` to
+    ``torch.nn.utils.prune.global_unstructured``.
     """
 
     #: Whether :meth:`scores` needs ``data`` (and ``loss_fn``).
@@ -26,14 +66,22 @@ class Criterion:
 
         ``params`` maps names to the current effective (masked) weights.
         """
-        raise NotImplementedError
+        if type(self).score_step is Criterion.score_step:
+            raise NotImplementedError(f"{type(self).__name__} must implement scores() or score_step()")
+        return self.score_step(PruningStep.of(model, params, data, loss_fn))[0]
 
-    def compensate(self, model: nn.Module, params: dict[str, torch.Tensor], old_masks: dict[str, torch.Tensor | None],
-                   new_masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    def score_step(self, step: PruningStep) -> tuple[dict[str, torch.Tensor], object]:
+        """The scores of one pruning step and the context :meth:`compensate` needs (e.g.
+        the inverse Fishers behind the scores). Default: :meth:`scores`, no context."""
+        return self.scores(step.model, step.params, step.data, step.loss_fn), None
+
+    def compensate(self, step: PruningStep, new_masks: dict[str, torch.Tensor], context
+                   ) -> dict[str, torch.Tensor] | None:
         """New values for the weights once ``new_masks`` are chosen (e.g. OBS updates
         that move the survivors to make up for the pruned weights), or None to leave
-        them. Called after :meth:`scores` in the same step; ``fastprune.prune`` writes
-        the values together with the masks, so a failure here changes nothing."""
+        them. ``context`` is what :meth:`score_step` returned for the same step;
+        ``fastprune.prune`` writes the values together with the masks, so a failure
+        here changes nothing."""
         return None
 
     def allocation(self, params: dict[str, torch.Tensor], sparsity: float) -> dict[str, float] | None:

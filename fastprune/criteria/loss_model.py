@@ -48,20 +48,21 @@ class LossModel(Criterion):
         self.order, self.fisher, self.lam, self.gradient = order, fisher, float(lam), gradient
         self.max_samples, self.progress = max_samples, progress
 
-    def scores(self, model, params, data=None, loss_fn=None):
-        modules = [name.rpartition(".")[0] for name in params]
+    def score_step(self, step):
+        modules = [t.name.rpartition(".")[0] for t in step.targets]
         # The first-order model needs only the gradient, which the empirical pass gives for free.
         kind = "empirical" if self.order == 1 else self.fisher
-        h, g = fisher_diag(model, data, loss_fn, fisher=kind, modules=modules, max_samples=self.max_samples,
-                           return_grad=True, progress=self.progress)
+        h, g = fisher_diag(step.model, step.data, step.loss_fn, fisher=kind, modules=modules,
+                           max_samples=self.max_samples, return_grad=True, progress=self.progress,
+                           process_group=step.process_group)
         out = {}
-        for name, w in params.items():
+        for name, w in step.params.items():
             w = w.to(h[name].dtype)
             change = -g[name] * w if self.gradient else 0.0
             if self.order == 2:
                 change = change + 0.5 * h[name] * w.square()
             out[name] = change.abs() + 0.5 * self.lam * w.square()
-        return out
+        return out, None
 
 
 class Taylor(LossModel):

@@ -9,12 +9,12 @@ import torch
 
 from ..distributed import (all_gather_rows, all_gather_spans, all_reduce_sum, block_spans, exchange_columns,
                            resolve_group)
+from .._ops import acc_dtype
 from ..batches import SampleStream
-from ..masks import get_mask, split_param_name
 from ..memory import check_budget
-from ..second_order.inverse import FisherInverse, _check_damp
+from ..second_order.inverse import FisherInverse, check_damp
 from ..second_order.obs import obs_scores, obs_update
-from ..stats.blocks import local_per_sample_gradients
+from ..stats.blocks import PerSampleGradients, accumulate_blocks
 from .base import Criterion
 
 __all__ = ["WoodFisher", "WoodTaylor"]
@@ -80,16 +80,13 @@ class WoodFisher(Criterion):
             raise ValueError(f"update must be True, False or 'group', got {update!r}")
         self.block_size = _positive_int(block_size, "block_size", allow_none=True)
         self.num_grads = _positive_int(num_grads, "num_grads")
-        self.damp = _check_damp(damp)
+        self.damp = check_damp(damp)
         self.update = update
         self.fisher_mini_batch = _positive_int(fisher_mini_batch, "fisher_mini_batch")
         self.max_memory = max_memory
         self.shard_blocks = bool(shard_blocks)
         self._stream: SampleStream | None = None
         self._stream_state: dict | None = None  # from load_state_dict, applied once data is seen
-        self._pending: dict[str, tuple[FisherInverse | None, torch.Tensor | None]] = {}
-        self._spans: dict[str, list[tuple[int, int]]] = {}  # each rank's share of each tensor
-        self._group, self._rank = None, 0
 
     def _samples(self, data):
         if self._stream is None or self._stream.data is not data:
@@ -128,37 +125,32 @@ class WoodFisher(Criterion):
         check_budget(need, self.max_memory, device, f"WoodFisher with N={n} gradients and block_size={self.block_size}",
                       hint)
 
-    def _collect(self, model, params, alive, x, y, loss_fn):
+    def _collect(self, step, shards: _Shards, x, y):
         """{name: FisherInverse of this rank's share of the blocks} and the mean gradients
         over that share, from per-sample gradients formed in chunks; only alive weights
         enter the inverses (pruned ones have zero gradients)."""
-        m, group = self.fisher_mini_batch, self._group
-        shard = group is not None and self.shard_blocks
-        world = 1 if group is None else torch.distributed.get_world_size(group)
-        rank = self._rank
+        m, group, params = self.fisher_mini_batch, shards.group, step.params
+        shard = shards.sharded
         # With torch.distributed every rank brings its own num_grads gradients: N is their total.
-        n = self.num_grads * world
+        n = self.num_grads * shards.world
         if group is not None and len(x) != self.num_grads * m:
             raise ValueError(f"with torch.distributed each rank needs num_grads * fisher_mini_batch = "
                              f"{self.num_grads * m} samples, this rank's data gave {len(x)}")
-        modules = [name.rpartition(".")[0] for name in params]
         chunk = self._chunk(sum(w.numel() for w in params.values()))
-        self._spans = {k: block_spans(w.numel(), self._block(w.numel()), world if shard else 1)
-                       for k, w in params.items()}
-        own = {k: self._spans[k][rank] for k in params}
-        alive = {k: None if a is None else self._share(k, a).bool() for k, a in alive.items()}
+        alive = {k: None if a is None else shards.share(k, a).bool() for k, a in step.masks.items()}
         slots = {k: FisherInverse.slots(c1 - c0, self._block(params[k].numel()), alive[k], params[k].device)
-                 for k, (c0, c1) in own.items()}
+                 for k, (c0, c1) in shards.own.items()}
         lowrank = {k: n < slots[k][0].shape[1] for k in params}
         kept: dict[str, list[torch.Tensor]] = {k: [] for k in params if lowrank[k]}
         blocks: dict[str, torch.Tensor] = {}
         grad_sum: dict[str, torch.Tensor] = {}
+        per_sample = PerSampleGradients(step.model, step.loss_fn, [t.name.rpartition(".")[0] for t in step.targets])
         for s0 in range(0, len(x), chunk):
-            ps = local_per_sample_gradients(model, x[s0:s0 + chunk], y[s0:s0 + chunk], loss_fn, modules=modules)
+            ps = per_sample(x[s0:s0 + chunk], y[s0:s0 + chunk])
             ps = {k: ps[k] if m == 1 else ps[k].view(-1, m, ps[k].shape[1]).mean(1) for k in params}
             # Sharded: every rank's gradients, restricted to the columns of this rank's blocks.
             sources = [dict(zip(params, part)) for part in
-                       exchange_columns(list(ps.values()), list(self._spans.values()), group)] if shard else [ps]
+                       exchange_columns(list(ps.values()), list(shards.spans.values()), group)] if shard else [ps]
             del ps
             for part in sources:
                 for k, g in part.items():
@@ -166,15 +158,15 @@ class WoodFisher(Criterion):
                     if lowrank[k]:
                         kept[k].append(g)
                         continue
-                    gs = FisherInverse.gather_slots(g, self._block(params[k].numel()), *slots[k])  # (nb, c, K)
                     if k not in blocks:
-                        blocks[k] = gs.new_zeros(gs.shape[0], gs.shape[2], gs.shape[2])
-                    blocks[k].baddbmm_(gs.transpose(1, 2), gs)
+                        k_slots = slots[k][0].shape[1]
+                        blocks[k] = g.new_zeros(slots[k][0].shape[0], k_slots, k_slots, dtype=acc_dtype(g.dtype))
+                    accumulate_blocks(blocks[k], g, self._block(params[k].numel()), slots[k])
         if not shard:  # same keys and shapes on every rank: one reduction covers blocks and gradient sums
             all_reduce_sum([blocks[k] for k in params if k in blocks] + [grad_sum[k] for k in params], group)
         invs = {}
         for k, w in params.items():
-            b, (c0, c1) = self._block(w.numel()), own[k]
+            b, (c0, c1) = self._block(w.numel()), shards.own[k]
             if c1 == c0:  # more ranks than blocks: this rank owns none of this tensor
                 invs[k] = None
             elif lowrank[k]:
@@ -187,53 +179,67 @@ class WoodFisher(Criterion):
                                                     self.max_memory)
         return invs, {k: v / n for k, v in grad_sum.items()}
 
-    def _share(self, k: str, v: torch.Tensor) -> torch.Tensor:
-        """This rank's share of the flattened ``v``."""
-        c0, c1 = self._spans[k][self._rank]
-        return v.flatten()[c0:c1]
-
-    def _whole(self, shares: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Flattened whole tensors from every rank's shares (no-op when unsharded)."""
-        if not (self._group is not None and self.shard_blocks):
-            return shares
-        dtype = functools.reduce(torch.promote_types, (v.dtype for v in shares.values()))
-        whole = all_gather_spans([v.to(dtype) for v in shares.values()], [self._spans[k] for k in shares],
-                                 self._group)
-        return dict(zip(shares, whole))
-
-    def scores(self, model, params, data=None, loss_fn=None):
+    def score_step(self, step):
+        params = step.params
         if not params:
-            return {}
-        self._group = resolve_group()
-        world = 1 if self._group is None else torch.distributed.get_world_size(self._group)
-        self._rank = torch.distributed.get_rank(self._group) if world > 1 and self.shard_blocks else 0
+            return {}, None
+        group = resolve_group(step.process_group)
+        world = 1 if group is None else torch.distributed.get_world_size(group)
         self._check_memory(params, next(iter(params.values())).device, world)
-        x, y = self._samples(data)
-        alive = {k: get_mask(*split_param_name(model, k)) for k in params}
-        invs, grads = self._collect(model, params, alive, x, y, loss_fn)
-        self._pending, shares = {}, {}
+        shards = _Shards(params, self._block, group, self.shard_blocks)
+        x, y = self._samples(step.data)
+        invs, grads = self._collect(step, shards, x, y)
+        pending, scores = {}, {}
         for k, w in params.items():
             inv = invs[k]
             newton = inv.mul(grads[k]) if self._gradient_term and inv is not None else None
-            self._pending[k] = (inv, newton)
+            pending[k] = (inv, newton)
             # A rank owning none of this tensor contributes its (empty) share as is.
-            shares[k] = obs_scores(inv, self._share(k, w), newton) if inv is not None else self._share(k, w)
-        return {k: v.view_as(params[k]) for k, v in self._whole(shares).items()}
+            scores[k] = obs_scores(inv, shards.share(k, w), newton) if inv is not None else shards.share(k, w)
+        return {k: v.view_as(params[k]) for k, v in shards.whole(scores).items()}, (shards, pending)
 
-    def compensate(self, model, params, old_masks, new_masks):
-        pending, self._pending = self._pending, {}
+    def compensate(self, step, new_masks, context):
         if self.update is False:
             return None
-        shares = {}
-        for k, w in params.items():
+        shards, pending = context
+        moves = {}
+        for k, w in step.params.items():
             inv, newton = pending[k]
-            keep = self._share(k, new_masks[k]).bool()
-            alive = torch.ones_like(keep) if old_masks.get(k) is None else self._share(k, old_masks[k]).bool()
-            shares[k] = obs_update(inv, self._share(k, w), alive & ~keep, newton, self.update == "group",
-                                   self.max_memory) if inv is not None else self._share(k, w)
-        moves = self._whole(shares)
+            keep = shards.share(k, new_masks[k]).bool()
+            old = step.masks.get(k)
+            alive = torch.ones_like(keep) if old is None else shards.share(k, old).bool()
+            moves[k] = obs_update(inv, shards.share(k, w), alive & ~keep, newton, self.update == "group",
+                                  self.max_memory) if inv is not None else shards.share(k, w)
+        moves = shards.whole(moves)
         return {k: ((w.flatten() + moves[k]) * new_masks[k].flatten()).view_as(w).to(w.dtype)
-                for k, w in params.items()}
+                for k, w in step.params.items()}
+
+
+class _Shards:
+    """Which contiguous share of every tensor's blocks this rank owns: all of them unless
+    WoodFisher(shard_blocks=True) runs under torch.distributed."""
+
+    def __init__(self, params: dict[str, torch.Tensor], block_of, group, shard_blocks: bool):
+        self.group = group
+        self.world = 1 if group is None else torch.distributed.get_world_size(group)
+        self.sharded = group is not None and shard_blocks
+        rank = torch.distributed.get_rank(group) if self.sharded else 0
+        self.spans = {k: block_spans(w.numel(), block_of(w.numel()), self.world if self.sharded else 1)
+                      for k, w in params.items()}
+        self.own = {k: spans[rank] for k, spans in self.spans.items()}
+
+    def share(self, k: str, v: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the flattened ``v``."""
+        c0, c1 = self.own[k]
+        return v.flatten()[c0:c1]
+
+    def whole(self, shares: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Flattened whole tensors from every rank's shares (no-op when unsharded)."""
+        if not self.sharded:
+            return shares
+        dtype = functools.reduce(torch.promote_types, (v.dtype for v in shares.values()))
+        whole = all_gather_spans([v.to(dtype) for v in shares.values()], [self.spans[k] for k in shares], self.group)
+        return dict(zip(shares, whole))
 
 
 class WoodTaylor(WoodFisher):

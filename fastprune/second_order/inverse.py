@@ -24,12 +24,16 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ops
+from ..errors import check_finite
 from ..memory import check_budget
+from ..profiling import phase
 
 __all__ = ["FisherInverse", "first_true"]
 
+_NONFINITE_HINT = "check the model, data and loss for overflow"
 
-def _check_damp(damp) -> float:
+
+def check_damp(damp) -> float:
     if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not math.isfinite(damp) or damp <= 0:
         raise ValueError(f"damp must be a positive number, got {damp!r} (it keeps F invertible; "
                          "WoodFisher uses 1e-5)")
@@ -92,7 +96,7 @@ class FisherInverse:
         """From mean outer products ``blocks`` (num_blocks, B, B), e.g.
         ``FisherBlocks.blocks(name)``, or (num_blocks, K, K) over the ``slots``
         returned by :meth:`slots` (then pass ``block_size``)."""
-        damp = _check_damp(damp)
+        damp = check_damp(damp)
         b = blocks.shape[-1] if block_size is None else block_size
         nb = math.ceil(numel / b)
         if slots is None:
@@ -104,8 +108,10 @@ class FisherInverse:
                              f"{b}; expected ({nb}, {k}, {k})")
         check_budget(3 * blocks.numel() * blocks.element_size(), max_memory, blocks.device,
                       f"inverting {nb} Fisher blocks of {k} x {k}", "use a smaller block_size")
+        check_finite([("blocks", blocks)], "non-finite Fisher blocks", _NONFINITE_HINT)
         both = valid.unsqueeze(2) & valid.unsqueeze(1)
-        return cls(numel, b, damp, slots, inverse=_ops.fisher_inverse(blocks * both, damp))
+        with phase("inverse"):
+            return cls(numel, b, damp, slots, inverse=_ops.fisher_inverse(blocks * both, damp))
 
     @classmethod
     def from_grads(cls, grads: torch.Tensor, damp: float, block_size: int | None = None,
@@ -113,29 +119,32 @@ class FisherInverse:
         """From gradients ``grads`` (N, numel). ``block_size=None`` makes the whole
         tensor one block; ``alive`` (bool, numel) restricts the work to unpruned
         weights. Uses the low-rank form when N < block size, else dense."""
-        damp = _check_damp(damp)
+        damp = check_damp(damp)
         if grads.dim() != 2 or grads.shape[0] == 0:
             raise ValueError(f"grads must be (N, numel) with N >= 1, got shape {tuple(grads.shape)}")
         if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
                                        or block_size < 1):
             raise ValueError(f"block_size must be a positive integer or None, got {block_size!r}")
+        check_finite([("grads", grads)], "non-finite gradients", _NONFINITE_HINT)
         n, numel = grads.shape
         b = numel if block_size is None else min(block_size, numel)
         nb = math.ceil(numel / b)
-        acc = torch.float64 if grads.dtype == torch.float64 else torch.float32
+        acc = _ops.acc_dtype(grads.dtype)
         index, valid = cls.slots(numel, b, alive, grads.device)
         k = index.shape[1]
         per_block = cls.gather_slots(grads.to(acc), b, index, valid)  # (nb, N, K)
-        size = torch.finfo(acc).bits // 8
+        size = acc.itemsize
         if n < k:
             check_budget(size * nb * (2 * n * k + 2 * n * n), max_memory, grads.device,
                           f"the low-rank inverse of {nb} block(s) of {k} from {n} gradients",
                           "use fewer gradients or a smaller block_size")
-            return cls(numel, b, damp, (index, valid), factor=_ops.lowrank_factor(per_block, damp))
+            with phase("inverse"):
+                return cls(numel, b, damp, (index, valid), factor=_ops.lowrank_factor(per_block, damp))
         check_budget(size * nb * k * k * 3, max_memory, grads.device, f"inverting {nb} Fisher blocks of {k} x {k}",
                       "use a smaller block_size, or fewer gradients than block_size for the low-rank path")
-        blocks = torch.bmm(per_block.transpose(1, 2), per_block).div_(n)
-        return cls(numel, b, damp, (index, valid), inverse=_ops.fisher_inverse(blocks, damp))
+        with phase("inverse"):
+            blocks = torch.bmm(per_block.transpose(1, 2), per_block).div_(n)
+            return cls(numel, b, damp, (index, valid), inverse=_ops.fisher_inverse(blocks, damp))
 
     @staticmethod
     def gather_slots(grads: torch.Tensor, block_size: int, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

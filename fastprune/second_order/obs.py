@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..memory import check_budget
+from ..profiling import phase
 from .inverse import FisherInverse, first_true
 
 __all__ = ["obs_scores", "obs_update"]
@@ -32,13 +33,14 @@ def obs_update(inv: FisherInverse, w: torch.Tensor, pruned: torch.Tensor, newton
     ``group=True`` solves, per block, the exact constrained minimiser
     d = -F^-1 g - F^-1[:, Q] (F^-1[Q, Q])^-1 (w_Q - [F^-1 g]_Q).
     """
-    w = w.to(inv.diag().dtype)
-    r = w if newton is None else w - newton
-    if group:
-        d = -_group_step(inv, r, pruned, max_memory)
-    else:
-        d = -inv.mul(torch.where(pruned, r / inv.diag(), torch.zeros_like(r)))
-    return d if newton is None else d - newton
+    with phase("update"):
+        w = w.to(inv.diag().dtype)
+        r = w if newton is None else w - newton
+        if group:
+            d = -_group_step(inv, r, pruned, max_memory)
+        else:
+            d = -inv.mul(torch.where(pruned, r / inv.diag(), torch.zeros_like(r)))
+        return d if newton is None else d - newton
 
 
 def _group_step(inv: FisherInverse, r: torch.Tensor, pruned: torch.Tensor, max_memory: int | None) -> torch.Tensor:

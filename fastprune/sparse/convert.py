@@ -9,14 +9,14 @@ import torch
 from torch import nn
 
 from ..masks import apply_masks, get_mask, refresh_masked
-from .frozen import FrozenConv2d, FrozenLinear, _FrozenPattern
-from .layers import SparseConv2d, SparseLinear, _SparseModule
+from .frozen import FrozenConv2d, FrozenLinear, FrozenPattern
+from .layers import SparseConv2d, SparseLinear, SparseModule
 from .semi import SemiStructuredLinear, semi_structured_reason
 
 __all__ = ["to_sparse", "to_dense", "SparseReport", "LayerChoice", "CONVERTED"]
 
 #: The module types to_sparse puts in place of pruned layers.
-CONVERTED = (_SparseModule, _FrozenPattern, SemiStructuredLinear)
+CONVERTED = (SparseModule, FrozenPattern, SemiStructuredLinear)
 
 
 @dataclass

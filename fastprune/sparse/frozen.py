@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FrozenLinear", "FrozenConv2d"]
+__all__ = ["FrozenPattern", "FrozenLinear", "FrozenConv2d"]
 
 
 class _MaskGrad(torch.autograd.Function):
@@ -30,7 +30,7 @@ class _MaskGrad(torch.autograd.Function):
         return grad * pattern, None
 
 
-class _FrozenPattern:
+class FrozenPattern:
     """Shared by :class:`FrozenLinear` and :class:`FrozenConv2d`: the bool buffer
     ``pattern`` (True = kept) next to the masked ``weight``."""
 
@@ -62,7 +62,7 @@ class _FrozenPattern:
         return self.pattern
 
 
-class FrozenLinear(_FrozenPattern, nn.Linear):
+class FrozenLinear(FrozenPattern, nn.Linear):
     """``nn.Linear`` holding ``linear.weight * mask`` with the pattern frozen."""
 
     def __init__(self, linear: nn.Linear, mask: torch.Tensor):
@@ -80,7 +80,7 @@ class FrozenLinear(_FrozenPattern, nn.Linear):
         return dense
 
 
-class FrozenConv2d(_FrozenPattern, nn.Conv2d):
+class FrozenConv2d(FrozenPattern, nn.Conv2d):
     """``nn.Conv2d`` (any stride, padding, dilation, groups, padding mode) holding
     ``conv.weight * mask`` with the pattern frozen."""
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from .. import _ops
 
-__all__ = ["CSRWeight", "SparseLinear", "SparseConv2d"]
+__all__ = ["CSRWeight", "SparseModule", "SparseLinear", "SparseConv2d"]
 
 # Column indices fit 16 bits (read as unsigned) up to this many input features.
 _INT16_COLUMNS = 1 << 16
@@ -106,7 +106,7 @@ class _SparseMM(torch.autograd.Function):
         return dx, dv, db, None
 
 
-class _SparseModule(nn.Module):
+class SparseModule(nn.Module):
     """Shared state: the pattern (buffers), the kept values and the bias (parameters)."""
 
     #: state_dict entries that save_sparse replaces by its compact form of the weight.
@@ -159,7 +159,7 @@ def _prod(shape) -> int:
     return out
 
 
-class SparseLinear(_SparseModule):
+class SparseLinear(SparseModule):
     """``nn.Linear`` with a row-compressed weight; inputs (..., in_features)."""
 
     def __init__(self, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None = None):
@@ -190,7 +190,7 @@ class SparseLinear(_SparseModule):
         return f"in_features={self.in_features}, out_features={self.out_features}, sparsity={self.sparsity:.3f}"
 
 
-class SparseConv2d(_SparseModule):
+class SparseConv2d(SparseModule):
     """``nn.Conv2d`` (groups=1, zero padding) with a row-compressed weight: a 1x1
     convolution with stride 1 runs on the input as is, others on its unfolding."""
 
@@ -237,7 +237,7 @@ class SparseConv2d(_SparseModule):
                 f"padding={self.padding}, sparsity={self.sparsity:.3f}")
 
 
-def _copy_dense(dense: nn.Module, sparse: _SparseModule) -> None:
+def _copy_dense(dense: nn.Module, sparse: SparseModule) -> None:
     with torch.no_grad():
         dense.weight.copy_(sparse.dense_weight())
         if sparse.bias is not None:

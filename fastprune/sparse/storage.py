@@ -7,7 +7,7 @@ import os
 import torch
 from torch import nn
 
-from ..masks import apply_masks, get_mask, split_param_name
+from ..masks import apply_masks, get_mask, pruned_names, split_param_name
 from .convert import CONVERTED
 
 __all__ = ["save_sparse", "load_sparse"]
@@ -33,10 +33,9 @@ def _pruned_tensors(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Ten
         if isinstance(module, CONVERTED):
             out[prefix + "weight"] = (module.dense_weight(), module.weight_mask())
             continue
-        for local in [k[: -len("_orig")] for k in module._parameters if k.endswith("_orig")]:
+        for local in pruned_names(module):
             mask = get_mask(module, local)
-            if mask is not None:
-                out[prefix + local] = (getattr(module, local + "_orig").detach() * mask, mask.bool())
+            out[prefix + local] = (getattr(module, local + "_orig").detach() * mask, mask.bool())
     return out
 
 

@@ -9,27 +9,37 @@ from torch import nn
 
 from .. import _ops
 from ..distributed import all_gather_rows, all_reduce_sum, resolve_group
+from ..errors import check_finite
 from ..memory import check_budget
+from ..profiling import phase
 from ..targets import find_targets
 from .capture import run_passes
-from .plan import check_batchnorm, plan_stats
+from .formulas import UNFOLD_BYTES, weight_per_sample
 from .losses import resolve_loss
+from .plan import batchnorm_eval, check_batchnorm, plan_stats
 
-__all__ = ["FisherBlocks", "per_sample_gradients", "local_per_sample_gradients"]
+__all__ = ["FisherBlocks", "per_sample_gradients", "PerSampleGradients", "accumulate_blocks"]
 
-
-def _check_finite(name: str, t: torch.Tensor) -> None:
-    # NaN and inf survive a sum, so one reduction checks every per-sample gradient.
-    if not bool(torch.isfinite(t.sum())):
-        raise FloatingPointError(f"non-finite per-sample gradients (NaN or inf) in {name!r}; check the inputs, the "
-                                 "loss and the model for overflow")
+_NONFINITE_HINT = "check the inputs, the loss and the model for overflow"
 
 
-def _weight_per_sample(formula, calls, s0: int, s1: int) -> torch.Tensor:
-    """Per-sample weight gradients (S, numel) of samples [s0, s1), by the layer's direct
-    route when it has one, else by the grouped-linear op."""
-    ps = formula.per_sample_weight(calls, s0, s1)
-    return ps if ps is not None else _ops.per_sample_grads(*formula.grouped(calls, s0, s1))
+def accumulate_blocks(blocks: torch.Tensor, grads: torch.Tensor, block_size: int,
+                      slots: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """``blocks[b] += sum_n g_n[b] g_n[b]^T`` in place for per-sample gradients ``grads``
+    (S, numel) over blocks of ``block_size`` consecutive weights (the last zero-padded).
+    With ``slots`` (``FisherInverse.slots``) only each block's slot entries are kept, and
+    ``blocks`` is (num_blocks, K, K) in slot coordinates. Layers with the fused op
+    (``grad_blocks_accumulate``) add their tiles without forming ``grads``."""
+    from ..second_order.inverse import FisherInverse  # the slot layout lives with the inverse
+
+    nb = blocks.shape[0]
+    grads = grads.to(blocks.dtype)
+    if slots is None:
+        per_block = F.pad(grads, (0, nb * block_size - grads.shape[1])).view(len(grads), nb, block_size)
+        per_block = per_block.transpose(0, 1)  # (nb, S, B)
+    else:
+        per_block = FisherInverse.gather_slots(grads, block_size, *slots)  # (nb, S, K)
+    blocks.baddbmm_(per_block.transpose(1, 2), per_block)
 
 
 def _empirical(y):
@@ -72,9 +82,9 @@ class FisherBlocks:
         check_batchnorm(model, bn)
         self._targets = {t.name: t for t in find_targets(model, modules)}
         self._plan = plan_stats(model, strict=strict, keys=set(self._targets), grouped_only=True)
-        shapes = {name: (math.ceil(t.numel / block_size), torch.float64 if t.param.dtype == torch.float64
-                         else torch.float32) for name, t in self._targets.items()}
-        need = sum(nb * block_size ** 2 * (8 if dt == torch.float64 else 4) for nb, dt in shapes.values())
+        shapes = {name: (math.ceil(t.numel / block_size), _ops.acc_dtype(t.param.dtype))
+                  for name, t in self._targets.items()}
+        need = sum(nb * block_size ** 2 * dt.itemsize for nb, dt in shapes.values())
         device = next(iter(self._targets.values())).param.device
         check_budget(need, max_memory, device, f"FisherBlocks(block_size={block_size}) over {len(shapes)} tensors",
                       "use a smaller block_size, the low-rank path (WoodFisher with num_grads < block_size) or fewer "
@@ -110,42 +120,28 @@ class FisherBlocks:
     def accumulate(self, inputs: torch.Tensor, targets, loss_fn=None) -> None:
         """Adds one batch: one forward and one backward of the per-sample loss."""
         fn, _ = resolve_loss(loss_fn)
-        bn_modules = check_batchnorm(self.model, self.bn)
+        check_batchnorm(self.model, self.bn)
         if self._synced:
             self._synced = False
             if torch.distributed.get_rank(self._group) != 0:
                 for t in self._sums.values():
                     t.zero_()
                 self._count = 0
-        for m in bn_modules:
-            m.eval()
-        try:
+        with phase("stats"), batchnorm_eval(self.model, self.bn):
             for _, calls, fallback in run_passes(self.model, self._plan, inputs, fn, _empirical(targets)):
                 for mod_name, (formula, _) in self._plan.native.items():
                     if mod_name not in calls:
                         continue
                     key = f"{mod_name}.weight" if mod_name else "weight"
-                    n, step = len(inputs), formula.sample_tile(calls[mod_name])
-                    for s0 in range(0, n, step):
-                        ps = formula.per_sample_weight(calls[mod_name], s0, min(n, s0 + step))
-                        if ps is not None:
-                            self._add_per_sample(key, ps)
+                    for route, tile in formula.weight_tiles(calls[mod_name], UNFOLD_BYTES):
+                        if route == "direct":
+                            accumulate_blocks(self._sums[key], tile, self.block_size)
                         else:
-                            _ops.grad_blocks_accumulate(*formula.grouped(calls[mod_name], s0, min(n, s0 + step)),
-                                                        self._sums[key])
-                    _check_finite(key, self._sums[key])
+                            _ops.grad_blocks_accumulate(*tile, self._sums[key])
                 for key, ps in fallback.items():
-                    self._add_per_sample(key, ps.reshape(len(inputs), -1))
-        finally:
-            for m in bn_modules:
-                m.train()
+                    accumulate_blocks(self._sums[key], ps.reshape(len(inputs), -1), self.block_size)
+            check_finite(list(self._sums.items()), "non-finite per-sample gradients", _NONFINITE_HINT, exact=False)
         self._count += len(inputs)
-
-    def _add_per_sample(self, key: str, ps: torch.Tensor) -> None:
-        blocks = self._sums[key]
-        nb, b = blocks.shape[:2]
-        ps = F.pad(ps.to(blocks.dtype), (0, nb * b - ps.shape[1])).view(len(ps), nb, b).permute(1, 2, 0)
-        blocks.baddbmm_(ps, ps.transpose(1, 2))
 
     def blocks(self, name: str) -> torch.Tensor:
         """(1/N) sum_n g_n[b] g_n[b]^T for every block of ``name``; rows and columns of
@@ -212,29 +208,35 @@ def per_sample_gradients(model: nn.Module, inputs: torch.Tensor, targets, loss_f
     check_budget(need, max_memory, inputs.device, f"per-sample gradients of {total} samples",
                   "pass fewer samples per call (the sums of fisher_diag and FisherBlocks need no N x params "
                   "buffer)")
-    out = local_per_sample_gradients(model, inputs, targets, loss_fn, modules, strict)
+    out = PerSampleGradients(model, loss_fn, modules, strict)(inputs, targets)
     if group is not None:
         out = {k: all_gather_rows(v, group) for k, v in out.items()}
     return out
 
 
-def local_per_sample_gradients(model: nn.Module, inputs: torch.Tensor, targets, loss_fn=None, modules=None,
-                               strict: bool = False) -> dict[str, torch.Tensor]:
-    """:func:`per_sample_gradients` of this process's samples only."""
-    check_batchnorm(model, "raise")
-    fn, _ = resolve_loss(loss_fn)
-    keys = {t.name for t in find_targets(model, modules)}
-    plan = plan_stats(model, strict=strict, keys=keys, grouped_only=True)
-    out = {}
-    for _, calls, fallback in run_passes(model, plan, inputs, fn, _empirical(targets)):
-        for mod_name, (formula, _) in plan.native.items():
-            key = f"{mod_name}.weight" if mod_name else "weight"
-            if mod_name in calls:
-                out[key] = _weight_per_sample(formula, calls[mod_name], 0, len(inputs))
-                _check_finite(key, out[key])
-        out.update({k: v.reshape(len(inputs), -1) for k, v in fallback.items()})
-    for key in keys:
-        mask = plan.masks.get(key)
-        if mask is not None:
-            out[key] = out[key] * mask.flatten()
-    return {k: out[k] for k in plan.keys if k in out}
+class PerSampleGradients:
+    """:func:`per_sample_gradients` of this process's samples, with the statistics plan
+    (targets, formulas, masks) built once and reused for every call on ``(inputs,
+    targets)``, e.g. the chunks of one WoodFisher step. Build a new one after the
+    model's pruned tensors change (new masks are new buffers)."""
+
+    def __init__(self, model: nn.Module, loss_fn=None, modules=None, strict: bool = False):
+        self.model = model
+        self.loss_fn, _ = resolve_loss(loss_fn)
+        self.keys = {t.name for t in find_targets(model, modules)}
+        self.plan = plan_stats(model, strict=strict, keys=self.keys, grouped_only=True)
+
+    def __call__(self, inputs: torch.Tensor, targets) -> dict[str, torch.Tensor]:
+        plan, out = self.plan, {}
+        with phase("stats"), batchnorm_eval(self.model, "raise"):
+            for _, calls, fallback in run_passes(self.model, plan, inputs, self.loss_fn, _empirical(targets)):
+                for mod_name, (formula, _) in plan.native.items():
+                    if mod_name in calls:
+                        out[f"{mod_name}.weight" if mod_name else "weight"] = weight_per_sample(formula, calls[mod_name])
+                out.update({k: v.reshape(len(inputs), -1) for k, v in fallback.items()})
+            check_finite(list(out.items()), "non-finite per-sample gradients", _NONFINITE_HINT, exact=False)
+            for key in self.keys:
+                mask = plan.masks.get(key)
+                if mask is not None:
+                    out[key] = out[key] * mask.flatten()
+        return {k: out[k] for k in plan.keys if k in out}

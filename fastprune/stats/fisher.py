@@ -6,19 +6,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import _ops
-from ..batches import iterate_batches
+from ..batches import iterate_batches, model_device
 from ..distributed import all_reduce_sum, resolve_group
+from ..errors import check_finite
 from ..memory import check_budget
+from ..profiling import timed
 from .capture import run_passes
-from .plan import check_batchnorm, plan_stats
+from .plan import batchnorm_eval, plan_stats
 from .losses import FISHER_KINDS, fisher_passes, resolve_loss
 
 __all__ = ["fisher_diag"]
 
-
-def _device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
+_NONFINITE_HINT = ("check the inputs, the loss and the model for overflow (lower the learning rate, use "
+                   "float32)")
 
 
 def _check_fisher(fisher: str, mc_samples: int) -> None:
@@ -28,33 +28,7 @@ def _check_fisher(fisher: str, mc_samples: int) -> None:
         raise ValueError(f"mc_samples must be an integer >= 1, got {mc_samples!r}")
 
 
-class _BatchNormEval:
-    """Switches the given BatchNorm modules to eval mode for a block, then restores them."""
-
-    def __init__(self, modules):
-        self.modules = modules
-
-    def __enter__(self):
-        for m in self.modules:
-            m.eval()
-
-    def __exit__(self, *exc):
-        for m in self.modules:
-            m.train()
-
-
-def _check_finite(sums: list[tuple[str, torch.Tensor]]) -> None:
-    # NaN and inf persist in the sums, so checking them once at the end suffices. A tensor's
-    # total is finite only if every element is (an overflowing total is worth reporting too);
-    # stacking the totals needs a single host sync. (Measured: 4x faster than foreach max-norms.)
-    totals = torch.stack([t.sum() for _, t in sums])
-    if bool(totals.isfinite().all()):
-        return
-    name = sums[int((~totals.isfinite()).nonzero()[0])][0]
-    raise FloatingPointError(f"non-finite per-sample gradients (NaN or inf) in {name!r}; check the inputs, "
-                             "the loss and the model for overflow (lower the learning rate, use float32)")
-
-
+@timed("stats")
 def fisher_diag(model: nn.Module, data, loss_fn=None, *, fisher: str = "empirical", mc_samples: int = 1,
                 modules=None, max_samples: int | None = None, return_grad: bool = False, bn: str = "raise",
                 strict: bool = False, seed: int = 0, progress: bool = True, process_group=None,
@@ -98,9 +72,8 @@ def fisher_diag(model: nn.Module, data, loss_fn=None, *, fisher: str = "empirica
     """
     _check_fisher(fisher, mc_samples)
     fn, loss_name = resolve_loss(loss_fn)
-    bn_modules = check_batchnorm(model, bn)
     plan = plan_stats(model, modules, strict)
-    gen = torch.Generator(device=_device(model)).manual_seed(seed)
+    gen = torch.Generator(device=model_device(model)).manual_seed(seed)
     sq_sums: dict[str, torch.Tensor] = {}
     grad_sums: dict[str, torch.Tensor] = {}
     count = 0
@@ -110,8 +83,8 @@ def fisher_diag(model: nn.Module, data, loss_fn=None, *, fisher: str = "empirica
         # and key costs page faults (4 batches of LeNet-300-100 took 1.95x a step, not 1.7x).
         store[key] = value if key not in store else store[key].add_(value)
 
-    with _BatchNormEval(bn_modules):
-        batches = iterate_batches(data, _device(model), max_samples)
+    with batchnorm_eval(model, bn):
+        batches = iterate_batches(data, model_device(model), max_samples)
         # Not even a disabled bar when progress=False: constructing one costs ~15 us a call.
         for x, y in tqdm(batches, desc="fisher") if progress else batches:
             _check_fallback_memory(plan, len(x), max_memory)
@@ -135,9 +108,9 @@ def fisher_diag(model: nn.Module, data, loss_fn=None, *, fisher: str = "empirica
             for k in plan.keys if needed else ():
                 if k not in store:
                     p = plan.params[k]
-                    store[k] = torch.zeros(p.shape, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
+                    store[k] = torch.zeros(p.shape, dtype=_ops.acc_dtype(p.dtype),
                                            device=p.device)
-        total = torch.tensor([float(count)], dtype=torch.float64, device=_device(model))
+        total = torch.tensor([float(count)], dtype=torch.float64, device=model_device(model))
         all_reduce_sum([sq_sums[k] for k in plan.keys] + ([grad_sums[k] for k in plan.keys] if return_grad else [])
                        + [total], group)
         count = int(total.item())
@@ -145,7 +118,8 @@ def fisher_diag(model: nn.Module, data, loss_fn=None, *, fisher: str = "empirica
         raise ValueError("data yielded no samples")
     # A non-finite g_n makes its square non-finite too, so the squares cover the gradients
     # of the same passes; a separate gradient pass (tag "grad") is checked on its own.
-    _check_finite(list(sq_sums.items()) + ([] if fisher == "empirical" else list(grad_sums.items())))
+    check_finite(list(sq_sums.items()) + ([] if fisher == "empirical" else list(grad_sums.items())),
+                 "non-finite per-sample gradients", _NONFINITE_HINT, exact=False)
     diag = _finish(sq_sums, count, plan)
     if not return_grad:
         return diag
@@ -183,7 +157,7 @@ def _finish(sums: dict[str, torch.Tensor], count: int, plan) -> dict[str, torch.
     out = {}
     for key in plan.keys:
         param = plan.params[key]
-        acc = torch.float64 if param.dtype == torch.float64 else torch.float32
+        acc = _ops.acc_dtype(param.dtype)
         value = sums.get(key)
         value = torch.zeros(param.shape, dtype=acc, device=param.device) if value is None else value
         mask = plan.masks.get(key)

@@ -14,7 +14,7 @@ from torch import nn
 
 from .. import _ops
 
-__all__ = ["formula_for", "PerSampleFormula"]
+__all__ = ["formula_for", "PerSampleFormula", "weight_per_sample", "UNFOLD_BYTES"]
 
 # Unfolded conv inputs (and direct per-sample gradients) are processed in sample tiles
 # of about this many bytes. The blocks' rank-S updates want many samples per tile; the
@@ -22,7 +22,7 @@ __all__ = ["formula_for", "PerSampleFormula"]
 # limit above which every allocation is mapped afresh (page faults on every call). On
 # the benchmark CNN an in-process A/B gave 160 -> 132 ms for unfolded tiles; direct
 # tiles of 4 or 16 MiB ran alike on ResNet-20.
-_UNFOLD_BYTES = 256 << 20
+UNFOLD_BYTES = 256 << 20
 _SUM_TILE_BYTES = 4 << 20
 # Per-sample conv weight gradients come from one grouped backward-weights convolution
 # over the samples for filters with at most this many inputs (C_in/groups * kernel), and
@@ -43,7 +43,11 @@ def _rows(t: torch.Tensor, s0: int, s1: int) -> torch.Tensor:
 
 
 class PerSampleFormula:
-    """The exact per-sample gradient formula of one module type's own parameters."""
+    """The exact per-sample gradient formula of one module type's own parameters.
+
+    The weight of Linear and Conv layers is reached through :meth:`weight_tiles`, the
+    one place that picks its per-sample route; the small parameters (biases, norm
+    affines) through :meth:`per_sample`; :meth:`sums` reduces both."""
 
     #: parameters (local names) this formula covers
     handles: tuple[str, ...] = ()
@@ -51,23 +55,42 @@ class PerSampleFormula:
     def __init__(self, module: nn.Module):
         self.module = module
 
+    @property
+    def has_weight_tiles(self) -> bool:
+        """Whether the weight's per-sample gradients come in :meth:`weight_tiles`."""
+        return type(self).grouped is not PerSampleFormula.grouped
+
     def grouped(self, calls, s0: int, s1: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The weight as a grouped linear map over samples [s0, s1): x (S, G, T, K), dy (S, G, T, O)."""
         return None
-
-    def sample_tile(self, calls, budget: int | None = None) -> int:
-        """Samples per tile for :meth:`grouped`, about ``budget`` bytes of unfolded input
-        (default ``_UNFOLD_BYTES``)."""
-        return calls[0][0].shape[0]
 
     def has_direct_weight(self) -> bool:
         """Whether :meth:`per_sample_weight` has a direct route for this layer."""
         return False
 
     def per_sample_weight(self, calls, s0: int, s1: int) -> torch.Tensor | None:
-        """Per-sample weight gradients (S, numel) of samples [s0, s1) when the layer has a
-        faster direct route than the grouped-linear ops, else None."""
+        """Per-sample weight gradients (S, numel) of samples [s0, s1) by the layer's direct
+        route (faster than the grouped-linear ops where :meth:`has_direct_weight`)."""
         return None
+
+    def grouped_bytes_per_sample(self, calls) -> int:
+        """Bytes one sample of :meth:`grouped` takes beyond the captured tensors (0: none)."""
+        return 0
+
+    def weight_tiles(self, calls, budget: int | None):
+        """The weight's per-sample gradients over sample tiles of about ``budget`` bytes
+        (None: one tile), by the layer's route. Yields ``("direct", (S, numel))`` tiles of
+        per-sample gradients, or ``("grouped", (x, dy))`` tiles of the grouped linear map
+        for the fused ops; tiles are of equal size (no small ragged last one)."""
+        n = calls[0][0].shape[0]
+        direct = self.has_direct_weight()
+        per_sample = 4 * self.module.weight.numel() if direct else self.grouped_bytes_per_sample(calls)
+        step = n if budget is None or per_sample == 0 else max(1, min(n, budget // per_sample))
+        step = -(-n // -(-n // step))
+        for s0 in range(0, n, step):
+            s1 = min(n, s0 + step)
+            yield ("direct", self.per_sample_weight(calls, s0, s1)) if direct else \
+                ("grouped", self.grouped(calls, s0, s1))
 
     def per_sample(self, calls) -> dict[str, torch.Tensor]:
         """Per-sample gradients (N, *shape) of the small parameters."""
@@ -76,32 +99,24 @@ class PerSampleFormula:
     def sums(self, calls, names: set[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{name: (sum_n g_n, sum_n g_n**2)} for the requested local parameter names."""
         out = {}
-        n = calls[0][0].shape[0]
-        if "weight" in names and self.has_direct_weight():
-            # A layer with a direct per-sample route (narrow convs): its tiles go straight into
-            # the one-pass column reduction.
-            numel = self.module.weight.numel()
-            step = max(1, min(n, _SUM_TILE_BYTES // (4 * numel)))
-            step = -(-n // -(-n // step))  # tiles of equal size: no small ragged last one
-            grad, sq = _ops.sum_sq(self.per_sample_weight(calls, 0, min(n, step)))
-            for s0 in range(step, n, step):
-                g, q = _ops.sum_sq(self.per_sample_weight(calls, s0, min(n, s0 + step)))
-                grad += g
-                sq += q
-            out["weight"] = (grad.reshape(self.module.weight.shape), sq.reshape(self.module.weight.shape))
-        elif "weight" in names and type(self).grouped is not PerSampleFormula.grouped:
-            step = self.sample_tile(calls, _SUM_TILE_BYTES)
-            grad, sq = _ops.grad_sq(*self.grouped(calls, 0, min(n, step)))
-            for s0 in range(step, n, step):
-                g, q = _ops.grad_sq(*self.grouped(calls, s0, min(n, s0 + step)))
-                grad += g
-                sq += q
+        if "weight" in names and self.has_weight_tiles:
+            grad = sq = None
+            for route, tile in self.weight_tiles(calls, _SUM_TILE_BYTES):
+                g, q = _ops.sum_sq(tile) if route == "direct" else _ops.grad_sq(*tile)
+                grad, sq = (g, q) if grad is None else (grad.add_(g), sq.add_(q))
             shape = self.module.weight.shape
             out["weight"] = (grad.reshape(shape), sq.reshape(shape))
         for name, ps in self.per_sample(calls).items():
             if name in names:
                 out[name] = _ops.sum_sq(ps)
         return out
+
+
+def weight_per_sample(formula: PerSampleFormula, calls) -> torch.Tensor:
+    """All per-sample weight gradients (N, numel) of one module's captured calls."""
+    parts = [tile if route == "direct" else _ops.per_sample_grads(*tile)
+             for route, tile in formula.weight_tiles(calls, None)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class LinearFormula(PerSampleFormula):
@@ -164,14 +179,12 @@ class ConvFormula(PerSampleFormula):
         # S*G. The backward-weights kernel does all of them without im2col; it wins while
         # each group's filters are narrow (DIRECT_CONV_MAX_FAN_IN).
         m = self.module
-        if not self.has_direct_weight():
-            return None
         total = 0
         for inp, g in calls:
             inp, k, d, pad, s = self._unfold_args(_rows(inp, s0, s1))
             g = _rows(g, s0, s1)
             g = g.unsqueeze(2) if g.dim() == 3 else g
-            acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+            acc = _ops.acc_dtype(g.dtype)
             n, c, o = inp.shape[0], inp.shape[1], g.shape[1]
             shape = (n * o, c // m.groups, *k)  # only its shape is read: the result does not depend on W
             res = torch.ops.aten.convolution_backward(
@@ -181,12 +194,10 @@ class ConvFormula(PerSampleFormula):
             total = total + res.reshape(n, -1)
         return total
 
-    def sample_tile(self, calls, budget=None):
-        # Unfolded bytes per sample: (Cin/G * kernel) * G * output positions, summed over calls.
-        m, budget = self.module, _UNFOLD_BYTES if budget is None else budget
-        per_sample = sum(m.weight.numel() // m.out_channels * m.groups * g[0, 0].numel() * 4
-                         for _, g in calls)
-        return max(1, min(calls[0][0].shape[0], budget // max(per_sample, 1)))
+    def grouped_bytes_per_sample(self, calls):
+        # Unfolded input: (Cin/G * kernel) * G * output positions, summed over calls.
+        m = self.module
+        return sum(m.weight.numel() // m.out_channels * m.groups * g[0, 0].numel() * 4 for _, g in calls)
 
     def per_sample(self, calls):
         n = calls[0][0].shape[0]
@@ -235,7 +246,7 @@ class EmbeddingFormula(PerSampleFormula):
         n, (vocab, dim) = calls[0][0].shape[0], m.weight.shape
         ids = torch.cat([inp.reshape(n, -1) for inp, _ in calls], 1)
         dy = torch.cat([g.reshape(n, -1, dim) for _, g in calls], 1)
-        acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
+        acc = _ops.acc_dtype(dy.dtype)
         dy = dy.to(acc)
         if m.padding_idx is not None:
             dy = dy.masked_fill((ids == m.padding_idx).unsqueeze(-1), 0)

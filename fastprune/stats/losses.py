@@ -5,8 +5,13 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["resolve_loss", "per_sample_loss", "fisher_passes", "FISHER_KINDS"]
+from ..batches import iterate_batches, model_device
+from ..masks import split_param_name
+
+__all__ = ["resolve_loss", "per_sample_loss", "fisher_passes", "FISHER_KINDS", "effective_weights",
+           "mean_batch_losses"]
 
 FISHER_KINDS = ("empirical", "mc", "true")
 
@@ -75,3 +80,24 @@ def fisher_passes(fisher: str, loss_name: str | None, outputs: torch.Tensor, tar
     else:
         for c in range(probs.shape[1]):
             yield torch.full((n,), c, dtype=torch.long, device=outputs.device), probs[:, c].sqrt().to(outputs.dtype)
+
+
+def effective_weights(model: nn.Module, names) -> list[torch.Tensor]:
+    """The tensors the last forward used as weights (``orig * mask`` for pruned ones)."""
+    return [getattr(*split_param_name(model, n)) for n in names]
+
+
+def mean_batch_losses(model: nn.Module, names, data, loss_fn, num_batches: int, temperature: float = 1.0):
+    """Yields (mean loss over one batch, the weights ``names`` that forward used) for up
+    to ``num_batches`` batches of ``data``; gradients w.r.t. those weights are dense, pruned
+    entries included (SNIP, GraSP, GraNet's regrowth)."""
+    fn, _ = resolve_loss(loss_fn)
+    batches = 0
+    for x, y in iterate_batches(data, model_device(model), None):
+        if batches == num_batches:
+            return
+        out = model(x) / temperature
+        yield per_sample_loss(fn, out, y, len(x)).mean(), effective_weights(model, names)
+        batches += 1
+    if batches == 0:
+        raise ValueError("data yielded no batches")

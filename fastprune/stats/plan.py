@@ -4,14 +4,17 @@ fallback (with a one-time warning; ``strict=True`` raises instead)."""
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from ..masks import unmasked_name
+from ..targets import select_modules
 from .formulas import PerSampleFormula, formula_for
 
-__all__ = ["StatsPlan", "plan_stats", "check_batchnorm"]
+__all__ = ["StatsPlan", "plan_stats", "check_batchnorm", "batchnorm_eval"]
 
 _warned: set[str] = set()
 
@@ -40,25 +43,15 @@ def plan_stats(model: nn.Module, modules=None, strict: bool = False, keys: set[s
     """Decides, for every trainable parameter (of ``modules`` if given, or with a key in
     ``keys``), the exact formula or the torch.func fallback. ``grouped_only`` accepts
     only formulas that expose per-sample gradient tiles (Linear, Conv1d, Conv2d)."""
-    named = dict(model.named_modules())
-    if modules is not None:
-        if isinstance(modules, (str, type)):
-            modules = [modules]
-        unknown = [m for m in modules if isinstance(m, str) and m not in named]
-        if unknown:
-            raise ValueError(f"unknown module name(s) {unknown}; modules with parameters are: "
-                             f"{[n for n, m in named.items() if any(True for _ in m.parameters(recurse=False))]}")
-        types = tuple(m for m in modules if isinstance(m, type))
-        names = {m for m in modules if isinstance(m, str)}
-        named = {n: m for n, m in named.items() if n in names or (types and isinstance(m, types))}
+    named = dict(model.named_modules()) if modules is None else \
+        select_modules(model, modules, lambda m: any(p is not None for p in m._parameters.values()), "parameters")
     plan = StatsPlan()
     for mod_name, module in named.items():
         formula = formula_for(module)
         for actual, p in module.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
-            local = actual[: -len("_orig")] if actual.endswith("_orig") and hasattr(module, actual[:-5] + "_mask") \
-                else actual
+            local = unmasked_name(module, actual)
             key = _key(mod_name, local)
             if keys is not None and key not in keys:
                 continue
@@ -96,3 +89,17 @@ def check_batchnorm(model: nn.Module, bn: str) -> list[nn.Module]:
                          "so per-sample gradients are undefined. Call model.eval() first, or pass bn='eval' to "
                          "switch BatchNorm to eval mode for the collection and restore it afterwards.")
     return [m for _, m in training]
+
+
+@contextmanager
+def batchnorm_eval(model: nn.Module, bn: str):
+    """Checks BatchNorm as :func:`check_batchnorm` does, then holds the train-mode ones
+    in eval mode for the block and restores them, whatever happens inside."""
+    training = check_batchnorm(model, bn)
+    for m in training:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in training:
+            m.train()

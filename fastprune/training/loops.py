@@ -8,7 +8,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..criteria.magnitude import Magnitude
-from ..pruning import _refresh_weight, prune
+from ..pruning import prune
 from ..targets import find_targets
 
 __all__ = ["LotteryTicket"]
@@ -78,7 +78,7 @@ class LotteryTicket:
                 for p, value in rewind.items():
                     p.copy_(value)
                 for t in targets:
-                    _refresh_weight(t)
+                    t.refresh()
             history.append(sparsity)
         train_fn(model, optimizer_factory)
         return history

@@ -34,6 +34,7 @@ from torch import nn
 from torch.optim.optimizer import _get_scalar_dtype
 
 from .. import _ops
+from ..masks import get_mask, pruned_names
 
 __all__ = ["MaskedSGD", "MaskedAdam", "MaskedAdamW", "masked"]
 
@@ -65,10 +66,8 @@ class _Masks:
         found = dict(self.fixed)
         if self.model is not None:
             for module in self.model.modules():
-                for name, p in module._parameters.items():
-                    mask = getattr(module, name[: -len("_orig")] + "_mask", None) if name.endswith("_orig") else None
-                    if p is not None and isinstance(mask, torch.Tensor):
-                        found[id(p)] = mask
+                for name in pruned_names(module):
+                    found[id(module._parameters[name + "_orig"])] = get_mask(module, name)
         return {k: m if m.dtype == torch.bool and m.is_contiguous() else m.bool().contiguous()
                 for k, m in found.items()}
 

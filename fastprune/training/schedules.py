@@ -13,10 +13,10 @@ import math
 import torch
 from torch import nn
 
-from ..criteria.at_init import _mean_loss_and_weights
 from ..criteria.base import Criterion
 from ..criteria.magnitude import Magnitude
-from ..pruning import _refresh_weight, prune
+from ..pruning import prune
+from ..stats.losses import mean_batch_losses
 from ..targets import find_targets
 
 __all__ = ["cubic_sparsity", "Gradual", "GraNet"]
@@ -164,7 +164,7 @@ class GraNet(_Schedule):
 def _dense_gradients(model, modules, data, loss_fn) -> dict[str, torch.Tensor]:
     """Gradients of the mean loss on one batch w.r.t. every effective weight (dense)."""
     names = [t.name for t in find_targets(model, modules)]
-    loss, weights = next(_mean_loss_and_weights(model, names, data, loss_fn, 1))
+    loss, weights = next(mean_batch_losses(model, names, data, loss_fn, 1))
     return dict(zip(names, torch.autograd.grad(loss, weights)))
 
 
@@ -188,4 +188,4 @@ def _swap(t, grad: torch.Tensor, rate: float) -> None:
     mask[grow] = True
     t.mask.view(-1).copy_(mask)
     w[grow] = 0.0
-    _refresh_weight(t)
+    t.refresh()
