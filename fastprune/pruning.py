@@ -106,37 +106,6 @@ def _check_capacity(targets: list[Target], keep: list[int], sparsity: float, per
                              "lower sparsity or min_keep")
 
 
-# The arguments Pruner and prune share, documented once and inserted after each "Args:".
-_ARGS_DOC = """
-        model: any ``nn.Module``. Its ``weight`` tensors are reparametrised as
-            ``torch.nn.utils.prune`` does (``weight_orig``, ``weight_mask``, a hook).
-        criterion: a :class:`fastprune.criteria.Criterion`; lower scores go first.
-        sparsity: fraction of the selected weights to prune, in [0, 1). Weights
-            already pruned count towards it and stay pruned.
-        data, loss_fn: batches ``(inputs, targets)`` and a per-sample loss, for
-            criteria that need them (``criterion.requires_data``).
-        scope: ``"global"`` (one threshold across all tensors) or ``"layer"`` (each
-            tensor pruned to ``sparsity``). Criteria that fix per-tensor sparsities
-            (``Random(distribution="erk")``) override it.
-        steps: reach ``sparsity`` in ``steps`` steps of the geometric schedule
-            1 - (1 - s)^(k/steps), re-scoring the pruned model before each step;
-            default ``criterion.default_steps`` (1, or 100 for SynFlow).
-        modules: module names and/or types to prune; default every Linear,
-            Conv1d, Conv2d and Conv3d weight.
-        min_keep: weights every tensor keeps (a count, or a fraction in (0, 1) of
-            the tensor), which prevents layer collapse under a global threshold.
-        pattern: ``"N:M"`` (e.g. ``"2:4"``, ``"4:8"``) keeps the N best-scored of
-            every M consecutive weights along each row of ``weight.flatten(1)``
-            (Linear: the input features; Conv: in-channel x kernel positions),
-            the layout semi-structured sparse kernels take. ``sparsity`` must be
-            1 - N/M; the step is single (``steps`` 1) and ``scope`` does not apply.
-        process_group: with torch.distributed (default: the default group when
-            initialised), every rank of this group ends with its first rank's masks
-            and weight updates. The built-in criteria's statistics (OBD/QM/Taylor,
-            WoodFisher with ``num_grads`` per rank) are summed over the default group.
-"""
-
-
 class Pruner:
     """A pruning run that can be stopped and resumed: :func:`prune` one step at a time.
 
@@ -150,7 +119,7 @@ class Pruner:
     the same RNG state (a DataLoader with ``shuffle=True`` and ``num_workers=0`` or
     seeded workers does).
 
-    Args:
+    Args: those of :func:`prune` (which runs a Pruner), without ``progress``.
 
     Example::
 
@@ -310,6 +279,32 @@ def prune(model: nn.Module, criterion: Criterion, sparsity: float, *, data: Iter
     """Prunes ``model`` in place to ``sparsity`` using ``criterion``'s scores.
 
     Args:
+        model: any ``nn.Module``. Its ``weight`` tensors are reparametrised as
+            ``torch.nn.utils.prune`` does (``weight_orig``, ``weight_mask``, a hook).
+        criterion: a :class:`fastprune.criteria.Criterion`; lower scores go first.
+        sparsity: fraction of the selected weights to prune, in [0, 1). Weights
+            already pruned count towards it and stay pruned.
+        data, loss_fn: batches ``(inputs, targets)`` and a per-sample loss, for
+            criteria that need them (``criterion.requires_data``).
+        scope: ``"global"`` (one threshold across all tensors) or ``"layer"`` (each
+            tensor pruned to ``sparsity``). Criteria that fix per-tensor sparsities
+            (``Random(distribution="erk")``) override it.
+        steps: reach ``sparsity`` in ``steps`` steps of the geometric schedule
+            1 - (1 - s)^(k/steps), re-scoring the pruned model before each step;
+            default ``criterion.default_steps`` (1, or 100 for SynFlow).
+        modules: module names and/or types to prune; default every Linear,
+            Conv1d, Conv2d and Conv3d weight.
+        min_keep: weights every tensor keeps (a count, or a fraction in (0, 1) of
+            the tensor), which prevents layer collapse under a global threshold.
+        pattern: ``"N:M"`` (e.g. ``"2:4"``, ``"4:8"``) keeps the N best-scored of
+            every M consecutive weights along each row of ``weight.flatten(1)``
+            (Linear: the input features; Conv: in-channel x kernel positions),
+            the layout semi-structured sparse kernels take. ``sparsity`` must be
+            1 - N/M; the step is single (``steps`` 1) and ``scope`` does not apply.
+        process_group: with torch.distributed (default: the default group when
+            initialised), every rank of this group ends with its first rank's masks
+            and weight updates. The built-in criteria's statistics (OBD/QM/Taylor,
+            WoodFisher with ``num_grads`` per rank) are summed over this group.
         progress: show a progress bar over the steps.
 
     Returns:
@@ -325,7 +320,3 @@ def prune(model: nn.Module, criterion: Criterion, sparsity: float, *, data: Iter
     """
     return Pruner(model, criterion, sparsity, data=data, loss_fn=loss_fn, scope=scope, steps=steps, modules=modules,
                   min_keep=min_keep, pattern=pattern, process_group=process_group).run(progress)
-
-
-for _documented in (Pruner, prune):
-    _documented.__doc__ = _documented.__doc__.replace("    Args:\n", "    Args:\n" + _ARGS_DOC.lstrip("\n"), 1)

@@ -201,3 +201,16 @@ def test_synflow_scores_and_model_left_unchanged():
         SynFlow().scores(model, _params(model))
     assert SynFlow.default_steps == 100 and math.isclose(
         fastprune.pruning.geometric_schedule(0.9, 100)[-1], 0.9)
+
+
+def test_schedules_share_one_step_signature_and_take_the_loss_up_front():
+    import inspect
+    assert inspect.signature(Gradual.step) == inspect.signature(GraNet.step)
+    for cls in (Gradual, GraNet):
+        params = inspect.signature(cls).parameters
+        assert params["progress"].default is False and params["loss_fn"].default is None
+    model = _mlp()
+    x, y = torch.randn(16, 12), torch.randn(16, 5)
+    sched = Gradual(OBD(fisher="empirical"), 0.0, 0.5, 0, 0, 1, loss_fn="mse")
+    assert sched.step(model, data=[(x, y)]) == 0.5
+    assert fastprune.sparsity_report(model, print_table=False)["global"]["sparsity"] == pytest.approx(0.5, abs=0.01)

@@ -82,6 +82,8 @@ class Gradual(_Schedule):
         frequency: steps between pruning events.
         degree: exponent of the schedule (3 in the paper).
         scope, modules, min_keep: as in :func:`fastprune.prune`.
+        loss_fn: the per-sample loss, for criteria that use ``data``.
+        progress: show the pruning bar at each event.
 
     Example::
 
@@ -94,13 +96,14 @@ class Gradual(_Schedule):
 
     def __init__(self, criterion: Criterion, init_sparsity: float, final_sparsity: float, start_step: int,
                  end_step: int, frequency: int, degree: int = 3, *, scope: str = "global", modules=None,
-                 min_keep: int | float = 1):
+                 min_keep: int | float = 1, loss_fn=None, progress: bool = False):
         super().__init__(init_sparsity, final_sparsity, start_step, end_step, frequency, degree)
         if not isinstance(criterion, Criterion):
             raise TypeError(f"criterion must be a fastprune.criteria.Criterion, got {type(criterion).__name__}")
         self.criterion, self.scope, self.modules, self.min_keep = criterion, scope, modules, min_keep
+        self.loss_fn, self.progress = loss_fn, progress
 
-    def step(self, model: nn.Module, data=None, loss_fn=None) -> float | None:
+    def step(self, model: nn.Module, data=None) -> float | None:
         """Advances one training step; on a pruning event prunes ``model`` and returns
         the new sparsity, else returns None. ``data`` (batches of (inputs, targets))
         is needed by criteria that use it."""
@@ -110,8 +113,8 @@ class Gradual(_Schedule):
             if self.criterion.requires_data and data is None:
                 raise ValueError(f"{self.criterion!r} needs data at pruning step {t}: call step(model, data=...)")
             pruned = self.sparsity(t)
-            prune(model, self.criterion, pruned, data=data, loss_fn=loss_fn, scope=self.scope, steps=1,
-                  modules=self.modules, min_keep=self.min_keep, progress=False)
+            prune(model, self.criterion, pruned, data=data, loss_fn=self.loss_fn, scope=self.scope, steps=1,
+                  modules=self.modules, min_keep=self.min_keep, progress=self.progress)
         self.step_count = t + 1
         return pruned
 
@@ -127,15 +130,17 @@ class GraNet(_Schedule):
     with a cosine from ``regrow_fraction`` at step 0 to 0 at ``end_step``.
 
     The dense gradient comes from one batch of ``data`` (gradients of the masked
-    weights at every position, pruned ones included).
+    weights at every position, pruned ones included), with the per-sample loss
+    ``loss_fn``. Arguments as for :class:`Gradual`; ``regrow_fraction`` is r_0.
     """
 
     def __init__(self, init_sparsity: float, final_sparsity: float, start_step: int, end_step: int,
-                 frequency: int, regrow_fraction: float = 0.5, degree: int = 3, *, modules=None, loss_fn=None):
+                 frequency: int, regrow_fraction: float = 0.5, degree: int = 3, *, modules=None, loss_fn=None,
+                 progress: bool = False):
         super().__init__(init_sparsity, final_sparsity, start_step, end_step, frequency, degree)
         if not 0.0 <= regrow_fraction <= 1.0:
             raise ValueError(f"regrow_fraction must be in [0, 1], got {regrow_fraction}")
-        self.regrow_fraction, self.modules, self.loss_fn = regrow_fraction, modules, loss_fn
+        self.regrow_fraction, self.modules, self.loss_fn, self.progress = regrow_fraction, modules, loss_fn, progress
 
     def regrow_rate(self, t: int) -> float:
         return 0.5 * self.regrow_fraction * (1.0 + math.cos(math.pi * min(t, self.end_step) / max(self.end_step, 1)))
@@ -151,7 +156,7 @@ class GraNet(_Schedule):
             raise ValueError(f"GraNet needs data at pruning step {t} for the regrowth gradients: "
                              "call step(model, data=...)")
         target = self.sparsity(t)
-        prune(model, Magnitude(), target, scope="global", steps=1, modules=self.modules, progress=False)
+        prune(model, Magnitude(), target, scope="global", steps=1, modules=self.modules, progress=self.progress)
         grads = _dense_gradients(model, self.modules, data, self.loss_fn)
         rate = self.regrow_rate(t)
         with torch.no_grad():
