@@ -19,6 +19,7 @@ test: $(VENV)/.built
 # Benchmarks compare against BackPACK and Opacus, installed without deps so torch never moves.
 bench: $(VENV)/.built
 	$(PY) -m pip install -q --no-deps -r requirements-bench.txt
+	mkdir -p build
 	cd benchmarks && ../$(PY) -m pytest -q . --benchmark-only --benchmark-json=../build/bench.json
 	$(PY) benchmarks/memory_peak.py > build/memory.md
 	$(PY) benchmarks/woodfisher_runs.py > build/woodfisher.md
