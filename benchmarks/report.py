@@ -44,7 +44,10 @@ def main(bench_json, memory_md=None, *extra_md):
     groups = load(bench_json)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.machine()) if platform.system() == "Linux" else platform.machine()
-    print(HEADER.format(machine=f"{cpu}, {torch.get_num_threads()} threads", torch=torch.__version__,
+    flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")),
+                 []) if platform.system() == "Linux" else []
+    vectors = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    print(HEADER.format(machine=f"{cpu} ({vectors}), {torch.get_num_threads()} threads", torch=torch.__version__,
                         date=datetime.date.today().isoformat()))
     sections = [
         ("fisher-diag", "step", "Fisher diagonal + mean gradient (one batch) vs a plain training step", ""),
