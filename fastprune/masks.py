@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 __all__ = ["apply_masks", "get_mask", "pruned_names", "unmasked_name", "remove_masks", "load_pruned_state_dict",
-           "split_param_name", "refresh_masked"]
+           "split_param_name", "refresh_masked", "trainable", "uses_of", "unprune"]
 
 
 class FastpruneMask(torch_prune.BasePruningMethod):
@@ -59,28 +59,69 @@ def unmasked_name(module: nn.Module, param_name: str) -> str:
     return base if param_name.endswith("_orig") and hasattr(module, base + "_mask") else param_name
 
 
+def trainable(module: nn.Module, name: str) -> nn.Parameter | None:
+    """The Parameter behind ``module.<name>``: ``<name>_orig`` once pruned, else ``<name>``."""
+    orig = module._parameters.get(name + "_orig")
+    return orig if orig is not None else module._parameters.get(name)
+
+
+def uses_of(model: nn.Module, param: torch.Tensor) -> list[tuple[nn.Module, str]]:
+    """Every ``(module, name)`` of ``model`` whose parameter ``name`` (pruned or not) is
+    ``param``: one entry normally, several for a tied or shared Parameter (an embedding
+    tied to the output layer, one Parameter assigned to two layers)."""
+    out = []
+    for module in model.modules():
+        for local in list(module._parameters):
+            name = unmasked_name(module, local)
+            if module._parameters[local] is param and (module, name) not in out:
+                out.append((module, name))
+    return out
+
+
+def _bypass_parents(model: nn.Module) -> dict[int, nn.Module]:
+    """Modules whose forward reads a child's weight directly instead of calling the
+    child, so the child's pruning hook never runs: ``nn.MultiheadAttention`` passes
+    ``out_proj.weight`` to the functional attention. Keyed by the child's id."""
+    return {id(m.out_proj): m for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+
+
+def _refresh_children(parent: nn.Module, args) -> None:
+    # Recomputes the bypassed child's masked weight with autograd on, as its own hook would.
+    child = parent.out_proj
+    for name in pruned_names(child):
+        refresh_masked(child, name)
+
+
 def refresh_masked(module: nn.Module, name: str) -> None:
     """Recomputes ``module.<name> = <name>_orig * <name>_mask`` now, as torch's pruning
     hook does before each forward (the attribute is stale after in-place changes)."""
     setattr(module, name, getattr(module, name + "_orig") * getattr(module, name + "_mask"))
 
 
-def _apply_one(module: nn.Module, name: str, mask: torch.Tensor) -> None:
-    existing = get_mask(module, name)
-    if existing is not None:
-        existing.copy_(mask)
+def _apply_one(uses: list[tuple[nn.Module, str]], mask: torch.Tensor, bypass: dict[int, nn.Module]) -> None:
+    """Applies ``mask`` to one Parameter in every use: one mask buffer, shared by all."""
+    shared = next((get_mask(m, n) for m, n in uses if get_mask(m, n) is not None), None)
+    if shared is not None:
+        shared.copy_(mask)
     else:
-        orig = getattr(module, name)
-        if not isinstance(orig, nn.Parameter):
-            raise TypeError(f"{type(module).__name__}.{name} is not a parameter; only parameters can be pruned")
-        hook = FastpruneMask()
-        hook._tensor_name = name
-        # Same Parameter object under the new name, so optimizers keep tracking it.
-        del module._parameters[name]
-        module.register_parameter(name + "_orig", orig)
-        module.register_buffer(name + "_mask", mask.to(device=orig.device, dtype=torch.bool).clone())
-        module.register_forward_pre_hook(hook)
-    refresh_masked(module, name)
+        shared = mask.to(device=uses[0][0]._parameters[uses[0][1]].device, dtype=torch.bool).clone()
+    for module, name in uses:
+        if get_mask(module, name) is None:
+            orig = module._parameters[name]
+            hook = FastpruneMask()
+            hook._tensor_name = name
+            # Same Parameter object under the new name, so optimizers keep tracking it.
+            del module._parameters[name]
+            module.register_parameter(name + "_orig", orig)
+            module.register_buffer(name + "_mask", shared)
+            module.register_forward_pre_hook(hook)
+            parent = bypass.get(id(module))
+            if parent is not None and not getattr(parent, "_fastprune_refreshes", False):
+                parent.register_forward_pre_hook(_refresh_children)
+                parent._fastprune_refreshes = True
+        elif get_mask(module, name) is not shared:
+            get_mask(module, name).copy_(mask)
+        refresh_masked(module, name)
 
 
 def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Module:
@@ -93,25 +134,46 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Modul
     resolved = []
     for name, mask in masks.items():
         module, tensor_name = split_param_name(model, name)
-        current = getattr(module, tensor_name, None)
-        if not isinstance(current, torch.Tensor):
-            raise KeyError(f"{name!r} does not name a parameter of the model")
-        if mask.shape != current.shape:
-            raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)}, parameter has {tuple(current.shape)}")
-        resolved.append((module, tensor_name, mask))
+        param = trainable(module, tensor_name)
+        if param is None:
+            kind = "is not a parameter" if isinstance(getattr(module, tensor_name, None), torch.Tensor) else \
+                "does not name a parameter of the model"
+            raise KeyError(f"{name!r} {kind}; only parameters can be pruned")
+        if mask.shape != param.shape:
+            raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)}, parameter has {tuple(param.shape)}")
+        resolved.append((uses_of(model, param), mask))
+    bypass = _bypass_parents(model)
     with torch.no_grad():
-        for module, tensor_name, mask in resolved:
-            _apply_one(module, tensor_name, mask)
+        for uses, mask in resolved:
+            _apply_one(uses, mask, bypass)
     return model
 
 
 def remove_masks(model: nn.Module) -> nn.Module:
     """Makes pruning permanent: every pruned tensor becomes a plain parameter holding
-    ``orig * mask`` (``torch.nn.utils.prune.remove`` on each)."""
+    ``orig * mask`` (``torch.nn.utils.prune.remove`` on each); a tied Parameter stays
+    tied."""
+    done: dict[int, nn.Parameter] = {}
     for module in model.modules():
         for name in pruned_names(module):
-            torch_prune.remove(module, name)
+            orig = module._parameters[name + "_orig"]
+            if id(orig) not in done:
+                done[id(orig)] = unprune(uses_of(model, orig))
     return model
+
+
+def unprune(uses: list[tuple[nn.Module, str]]) -> nn.Parameter:
+    """``torch.nn.utils.prune.remove`` on every use of one pruned Parameter, which then
+    holds ``orig * mask`` and is the same new Parameter in every use (torch's remove
+    alone would give each use its own copy)."""
+    first, name = uses[0]
+    torch_prune.remove(first, name)
+    param = first._parameters[name]
+    for module, local in uses[1:]:
+        if get_mask(module, local) is not None:
+            torch_prune.remove(module, local)
+        module._parameters[local] = param
+    return param
 
 
 def load_pruned_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True):

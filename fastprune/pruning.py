@@ -5,17 +5,17 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
-from torch.nn.utils import prune as torch_prune
 from tqdm.auto import tqdm
 
 from .criteria.base import Criterion, PruningStep
 from .distributed import broadcast_from_first, resolve_group
 from .errors import check_finite
 from .rng import get_rng_state, set_rng_state
-from .masks import apply_masks
+from .masks import apply_masks, unprune
 from .sparse.frozen import FrozenPattern
 from .select import keep_counts, nm_masks, parse_pattern, threshold_masks
 from .targets import Target, find_targets
+from .validate import integer, real
 
 __all__ = ["prune", "Pruner", "geometric_schedule"]
 
@@ -36,7 +36,7 @@ class _Snapshot:
     def restore(self) -> None:
         for t, weight, mask in self.state:
             if mask is None and t.mask is not None:
-                torch_prune.remove(t.module, t.tensor_name)
+                unprune(t.uses)
             elif mask is not None:
                 t.mask.copy_(mask)
             t.param.copy_(weight)
@@ -140,9 +140,7 @@ class Pruner:
                  pattern: str | None = None, process_group=None):
         if not isinstance(criterion, Criterion):
             raise TypeError(f"criterion must be a fastprune.criteria.Criterion, got {type(criterion).__name__}")
-        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
-            raise ValueError(f"sparsity must be a fraction in [0, 1), got {sparsity!r} (0.9 prunes 90% of the "
-                             "weights)")
+        sparsity = real(sparsity, "sparsity", 0, 1, high_open=True, hint=" (0.9 prunes 90% of the weights)")
         self.nm = None
         if pattern is not None:
             self.nm = parse_pattern(pattern)
@@ -154,8 +152,7 @@ class Pruner:
             steps = 1
         if steps is None:
             steps = criterion.default_steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        steps = integer(steps, "steps", 1)
         if scope not in ("global", "layer"):
             raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
         if criterion.requires_data and data is None:

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .masks import get_mask, refresh_masked
+from .masks import get_mask, refresh_masked, trainable, uses_of
 
 __all__ = ["Target", "DEFAULT_PRUNABLE", "find_targets", "select_modules"]
 
@@ -17,11 +17,20 @@ DEFAULT_PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 @dataclass
 class Target:
-    """One prunable tensor: ``module.<tensor_name>``, known to users as ``name``."""
+    """One prunable tensor: ``module.<tensor_name>``, known to users as ``name``.
+
+    A Parameter used by several modules (tied embeddings, one Parameter assigned to
+    two layers) is one target: ``uses`` lists every ``(module, tensor_name)`` holding
+    it, and one mask is in force in all of them."""
 
     name: str
     module: nn.Module
     tensor_name: str = "weight"
+    uses: list[tuple[nn.Module, str]] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.uses:
+            self.uses = [(self.module, self.tensor_name)]
 
     @property
     def weight(self) -> torch.Tensor:
@@ -34,8 +43,7 @@ class Target:
     @property
     def param(self) -> nn.Parameter:
         """The trainable parameter (``weight_orig`` once pruned)."""
-        orig = getattr(self.module, self.tensor_name + "_orig", None)
-        return orig if orig is not None else getattr(self.module, self.tensor_name)
+        return trainable(self.module, self.tensor_name)
 
     @property
     def mask(self) -> torch.Tensor | None:
@@ -44,7 +52,8 @@ class Target:
     def refresh(self) -> None:
         """Recomputes the masked weight now, as torch's pruning hook does before each
         forward (after in-place changes to the parameter or the mask)."""
-        refresh_masked(self.module, self.tensor_name)
+        for module, name in self.uses:
+            refresh_masked(module, name)
 
     @property
     def shape(self) -> torch.Size:
@@ -96,7 +105,15 @@ def find_targets(model: nn.Module, modules: Iterable[str | type] | str | type | 
         selected = [n for n, m in model.named_modules() if isinstance(m, DEFAULT_PRUNABLE) and _has_weight(m)]
     else:
         selected = list(select_modules(model, modules, _has_weight, "weight parameter to prune"))
-    if not selected:
+    targets, seen = [], set()
+    for n in selected:
+        module = model.get_submodule(n)
+        param = trainable(module, "weight")
+        if id(param) in seen:  # a tied Parameter is one target, named by its first use
+            continue
+        seen.add(id(param))
+        targets.append(Target(name=f"{n}.weight" if n else "weight", module=module, uses=uses_of(model, param)))
+    if not targets:
         raise ValueError("no prunable parameters found: the model has no Linear/Conv1d/Conv2d/Conv3d weight "
                          "(or none matched modules=); name the modules to prune with modules=[...]")
-    return [Target(name=f"{n}.weight" if n else "weight", module=model.get_submodule(n)) for n in selected]
+    return targets

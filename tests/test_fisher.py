@@ -111,7 +111,8 @@ def test_conv_stem_direct_route(cfg, tiles, monkeypatch):
                         lambda self, c, s0, s1: calls.append(s1 - s0) or direct(self, c, s0, s1))
     model = conv_model(conv, (3, 20, 22))
     assert_stats(model, torch.randn(7, 3, 20, 22, dtype=torch.float64), torch.randint(0, 3, (7,)), batch=7)
-    assert calls == ([7] if tiles == 1 else [3, 3, 1])
+    expected = [7] if tiles == 1 else [3, 3, 1]
+    assert calls[-len(expected):] == expected  # after the 2-sample probe of stats.verify
 
 
 @pytest.mark.parametrize("cfg", [dict(), dict(stride=2, padding=1, dilation=2), dict(groups=5, padding="same"),

@@ -11,6 +11,7 @@ from torch import nn
 from ..batches import model_device
 from ..masks import pruned_names, refresh_masked
 from ..stats.losses import effective_weights, mean_batch_losses
+from ..validate import integer, real
 from .base import Criterion
 
 __all__ = ["SNIP", "GraSP", "SynFlow"]
@@ -23,9 +24,7 @@ class SNIP(Criterion):
     requires_data = True
 
     def __init__(self, num_batches: int = 1):
-        if num_batches < 1:
-            raise ValueError(f"num_batches must be >= 1, got {num_batches}")
-        self.num_batches = num_batches
+        self.num_batches = integer(num_batches, "num_batches", 1)
 
     def scores(self, model, params, data=None, loss_fn=None):
         names = list(params)
@@ -45,10 +44,8 @@ class GraSP(Criterion):
     requires_data = True
 
     def __init__(self, temperature: float = 200.0, num_batches: int = 1):
-        if temperature <= 0 or num_batches < 1:
-            raise ValueError(f"need temperature > 0 and num_batches >= 1, got {temperature}, {num_batches}")
-        self.temperature = temperature
-        self.num_batches = num_batches
+        self.temperature = real(temperature, "temperature", 0, low_open=True)
+        self.num_batches = integer(num_batches, "num_batches", 1)
 
     def scores(self, model, params, data=None, loss_fn=None):
         names = list(params)

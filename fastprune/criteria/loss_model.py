@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..stats.fisher import fisher_diag
 from ..stats.losses import FISHER_KINDS
+from ..validate import real
 from .base import Criterion
 
 __all__ = ["LossModel", "Taylor", "QM", "OBD"]
@@ -41,8 +42,7 @@ class LossModel(Criterion):
             raise ValueError(f"order must be 1 (linear model) or 2 (quadratic model), got {order!r}")
         if fisher not in FISHER_KINDS:
             raise ValueError(f"fisher must be one of {FISHER_KINDS}, got {fisher!r}")
-        if not lam >= 0:
-            raise ValueError(f"lam must be >= 0, got {lam!r}")
+        lam = real(lam, "lam", 0)
         if order == 1 and not gradient:
             raise ValueError("order=1 without the gradient term models no loss change; use order=2 (OBD)")
         self.order, self.fisher, self.lam, self.gradient = order, fisher, float(lam), gradient

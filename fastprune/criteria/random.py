@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from ..validate import integer
 from .base import Criterion
 
 __all__ = ["Random", "erk_densities"]
@@ -47,7 +48,7 @@ class Random(Criterion):
     def __init__(self, seed: int = 0, distribution: str = "uniform"):
         if distribution not in ("uniform", "erk"):
             raise ValueError(f"distribution must be 'uniform' or 'erk', got {distribution!r}")
-        self.seed = seed
+        self.seed = integer(seed, "seed")
         self.distribution = distribution
 
     def scores(self, model, params, data=None, loss_fn=None):

@@ -15,6 +15,7 @@ from ..memory import check_budget
 from ..second_order.inverse import FisherInverse, check_damp
 from ..second_order.obs import obs_scores, obs_update
 from ..stats.blocks import PerSampleGradients, accumulate_blocks
+from ..validate import integer
 from .base import Criterion
 
 __all__ = ["WoodFisher", "WoodTaylor"]
@@ -26,9 +27,7 @@ _CHUNK_BYTES = 64 << 20
 def _positive_int(value, name: str, allow_none: bool = False):
     if allow_none and value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}, got {value!r}")
-    return value
+    return integer(value, name, 1, hint=" (or None)" if allow_none else "")
 
 
 class WoodFisher(Criterion):

@@ -27,6 +27,7 @@ from .. import _ops
 from ..errors import check_finite
 from ..memory import check_budget
 from ..profiling import phase
+from ..validate import integer, real
 
 __all__ = ["FisherInverse", "first_true"]
 
@@ -34,10 +35,8 @@ _NONFINITE_HINT = "check the model, data and loss for overflow"
 
 
 def check_damp(damp) -> float:
-    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not math.isfinite(damp) or damp <= 0:
-        raise ValueError(f"damp must be a positive number, got {damp!r} (it keeps F invertible; "
-                         "WoodFisher uses 1e-5)")
-    return float(damp)
+    return real(damp, "damp", 0, low_open=True, hint=" (damp must be a positive number: it keeps F invertible; "
+                "WoodFisher uses 1e-5)")
 
 
 def _blocked(v: torch.Tensor, nb: int, b: int) -> torch.Tensor:
@@ -122,9 +121,8 @@ class FisherInverse:
         damp = check_damp(damp)
         if grads.dim() != 2 or grads.shape[0] == 0:
             raise ValueError(f"grads must be (N, numel) with N >= 1, got shape {tuple(grads.shape)}")
-        if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
-                                       or block_size < 1):
-            raise ValueError(f"block_size must be a positive integer or None, got {block_size!r}")
+        if block_size is not None:
+            block_size = integer(block_size, "block_size", 1, hint=" (or None for whole-tensor blocks)")
         check_finite([("grads", grads)], "non-finite gradients", _NONFINITE_HINT)
         n, numel = grads.shape
         b = numel if block_size is None else min(block_size, numel)

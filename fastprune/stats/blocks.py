@@ -13,10 +13,12 @@ from ..errors import check_finite
 from ..memory import check_budget
 from ..profiling import phase
 from ..targets import find_targets
+from ..validate import integer
 from .capture import run_passes
 from .formulas import UNFOLD_BYTES, weight_per_sample
 from .losses import resolve_loss
 from .plan import batchnorm_eval, check_batchnorm, plan_stats
+from .verify import verify_plan
 
 __all__ = ["FisherBlocks", "per_sample_gradients", "PerSampleGradients", "accumulate_blocks"]
 
@@ -76,9 +78,8 @@ class FisherBlocks:
 
     def __init__(self, model: nn.Module, block_size: int, modules=None, bn: str = "raise", strict: bool = False,
                  process_group=None, max_memory: int | None = None):
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
-        self.model, self.block_size, self.bn = model, block_size, bn
+        block_size = integer(block_size, "block_size", 1)
+        self.model, self.block_size, self.bn, self._strict = model, block_size, bn, strict
         check_batchnorm(model, bn)
         self._targets = {t.name: t for t in find_targets(model, modules)}
         self._plan = plan_stats(model, strict=strict, keys=set(self._targets), grouped_only=True)
@@ -128,6 +129,7 @@ class FisherBlocks:
                     t.zero_()
                 self._count = 0
         with phase("stats"), batchnorm_eval(self.model, self.bn):
+            verify_plan(self.model, self._plan, inputs, targets, fn, self._strict)
             for _, calls, fallback in run_passes(self.model, self._plan, inputs, fn, _empirical(targets)):
                 for mod_name, (formula, _) in self._plan.native.items():
                     if mod_name not in calls:
@@ -221,7 +223,7 @@ class PerSampleGradients:
     model's pruned tensors change (new masks are new buffers)."""
 
     def __init__(self, model: nn.Module, loss_fn=None, modules=None, strict: bool = False):
-        self.model = model
+        self.model, self.strict = model, strict
         self.loss_fn, _ = resolve_loss(loss_fn)
         self.keys = {t.name for t in find_targets(model, modules)}
         self.plan = plan_stats(model, strict=strict, keys=self.keys, grouped_only=True)
@@ -229,6 +231,7 @@ class PerSampleGradients:
     def __call__(self, inputs: torch.Tensor, targets) -> dict[str, torch.Tensor]:
         plan, out = self.plan, {}
         with phase("stats"), batchnorm_eval(self.model, "raise"):
+            verify_plan(self.model, plan, inputs, targets, self.loss_fn, self.strict)
             for _, calls, fallback in run_passes(self.model, plan, inputs, self.loss_fn, _empirical(targets)):
                 for mod_name, (formula, _) in plan.native.items():
                     if mod_name in calls:

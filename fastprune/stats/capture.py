@@ -8,6 +8,7 @@ from ``torch.func`` (vmap over grad), with a one-time warning.
 """
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 
 import torch
@@ -18,6 +19,8 @@ from .losses import per_sample_loss
 from .plan import StatsPlan
 
 __all__ = ["captured_forward", "output_grads", "fallback_per_sample", "run_passes"]
+
+_loop_warned: set[tuple[str, ...]] = set()
 
 class captured_forward:
     """Context manager: while active, adapted modules record (input, output) per call."""
@@ -60,18 +63,39 @@ def output_grads(total: torch.Tensor, calls: dict[str, list[list[torch.Tensor]]]
 
 def fallback_per_sample(model: nn.Module, plan: StatsPlan, inputs: torch.Tensor, targets, weight: torch.Tensor,
                         loss_fn) -> dict[str, torch.Tensor]:
-    """Per-sample gradients (N, *shape) of the fallback parameters via torch.func."""
+    """Per-sample gradients (N, *shape) of the fallback parameters via torch.func, or by
+    one backward per sample where vmap cannot run the model (recurrent layers)."""
     if not plan.fallback:
         return {}
-    state = {k: v.detach() for k, v in model.named_parameters()} | dict(model.named_buffers())
-    fb = {actual: state[actual] for actual in plan.fallback.values()}
+    # A tied Parameter is passed under one of its names only: functional_call ties the rest.
+    fb = {actual: plan.params[key].detach() for key, actual in plan.fallback.items()}
+    ids = {id(plan.params[key]) for key in plan.fallback}
+    state = {k: v.detach() for k, v in model.named_parameters() if id(v) not in ids} | dict(model.named_buffers())
 
     def loss_one(params, x, t, w):
         out = functional_call(model, state | params, (x.unsqueeze(0),))
         return (loss_fn(out, t.unsqueeze(0)) * w).sum()
 
-    ps = vmap(grad(loss_one), in_dims=(None, 0, 0, 0), randomness="different")(fb, inputs, targets, weight)
+    try:
+        ps = vmap(grad(loss_one), in_dims=(None, 0, 0, 0), randomness="different")(fb, inputs, targets, weight)
+    except (RuntimeError, NotImplementedError) as exc:
+        ps = _per_sample_loop(model, plan, inputs, targets, weight, loss_fn, exc)
     return {key: ps[actual] for key, actual in plan.fallback.items()}
+
+
+def _per_sample_loop(model, plan, inputs, targets, weight, loss_fn, why: Exception) -> dict[str, torch.Tensor]:
+    """The fallback's gradients from one forward and backward per sample."""
+    what = sorted(plan.fallback)
+    if tuple(what) not in _loop_warned:
+        _loop_warned.add(tuple(what))
+        warnings.warn(f"fastprune: torch.func.vmap cannot run this model ({type(why).__name__}: {str(why)[:120]}); "
+                      f"per-sample gradients of {what} come from one backward per sample (slow)", stacklevel=4)
+    params = [plan.params[k] for k in plan.fallback]
+    rows = []
+    for n in range(len(inputs)):
+        loss = (loss_fn(model(inputs[n:n + 1]), targets[n:n + 1]) * weight[n]).sum()
+        rows.append([g.detach() for g in torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)])
+    return {actual: torch.stack([r[i] for r in rows]) for i, actual in enumerate(plan.fallback.values())}
 
 
 def run_passes(model, plan, inputs, loss_fn, make_passes):

@@ -11,8 +11,10 @@ from ..distributed import all_reduce_sum, resolve_group
 from ..errors import check_finite
 from ..memory import check_budget
 from ..profiling import timed
+from ..validate import integer
 from .capture import run_passes
 from .plan import batchnorm_eval, plan_stats
+from .verify import verify_plan
 from .losses import FISHER_KINDS, fisher_passes, resolve_loss
 
 __all__ = ["fisher_diag"]
@@ -24,8 +26,7 @@ _NONFINITE_HINT = ("check the inputs, the loss and the model for overflow (lower
 def _check_fisher(fisher: str, mc_samples: int) -> None:
     if fisher not in FISHER_KINDS:
         raise ValueError(f"fisher must be one of {FISHER_KINDS}, got {fisher!r}")
-    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
-        raise ValueError(f"mc_samples must be an integer >= 1, got {mc_samples!r}")
+    integer(mc_samples, "mc_samples", 1)
 
 
 @timed("stats")
@@ -87,6 +88,9 @@ def fisher_diag(model: nn.Module, data, loss_fn=None, *, fisher: str = "empirica
         batches = iterate_batches(data, model_device(model), max_samples)
         # Not even a disabled bar when progress=False: constructing one costs ~15 us a call.
         for x, y in tqdm(batches, desc="fisher") if progress else batches:
+            if len(x) == 0:
+                continue
+            verify_plan(model, plan, x, y, fn, strict)
             _check_fallback_memory(plan, len(x), max_memory)
             def make_passes(outputs):
                 tag = "both" if return_grad and fisher == "empirical" else "fisher"

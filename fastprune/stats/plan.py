@@ -4,6 +4,7 @@ fallback (with a one-time warning; ``strict=True`` raises instead)."""
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -16,7 +17,7 @@ from .formulas import PerSampleFormula, formula_for
 
 __all__ = ["StatsPlan", "plan_stats", "check_batchnorm", "batchnorm_eval"]
 
-_warned: set[str] = set()
+_warned: set[tuple[str, str]] = set()
 
 
 @dataclass
@@ -28,6 +29,7 @@ class StatsPlan:
     fallback: dict[str, str] = field(default_factory=dict)  # key -> actual parameter name
     masks: dict[str, torch.Tensor] = field(default_factory=dict)  # key -> keep-mask of pruned tensors
     params: dict[str, torch.Tensor] = field(default_factory=dict)  # key -> trainable parameter
+    verified: bool = False  # the formulas were checked against autograd (stats.verify)
 
     @property
     def keys(self) -> list[str]:
@@ -45,36 +47,47 @@ def plan_stats(model: nn.Module, modules=None, strict: bool = False, keys: set[s
     only formulas that expose per-sample gradient tiles (Linear, Conv1d, Conv2d)."""
     named = dict(model.named_modules()) if modules is None else \
         select_modules(model, modules, lambda m: any(p is not None for p in m._parameters.values()), "parameters")
+    # A Parameter several modules use (tied embeddings): its per-sample gradient sums
+    # the uses, which each module's formula alone cannot give, so it is planned once,
+    # under its first name, for the torch.func fallback (which sees all uses).
+    uses = Counter(id(p) for m in model.modules() for p in m._parameters.values() if p is not None)
+    planned: set[int] = set()
     plan = StatsPlan()
     for mod_name, module in named.items():
         formula = formula_for(module)
         for actual, p in module.named_parameters(recurse=False):
-            if not p.requires_grad:
-                continue
             local = unmasked_name(module, actual)
             key = _key(mod_name, local)
-            if keys is not None and key not in keys:
+            if not p.requires_grad or id(p) in planned or (keys is not None and key not in keys):
                 continue
+            planned.add(id(p))
             plan.params[key] = p
             if local != actual:
                 plan.masks[key] = getattr(module, local + "_mask")
             exact = formula is not None and local in formula.handles and \
-                (not grouped_only or type(formula).grouped is not PerSampleFormula.grouped)
-            if exact:
+                (not grouped_only or formula.has_weight_tiles)
+            if exact and uses[id(p)] == 1:
                 plan.native.setdefault(mod_name, (formula, set()))[1].add(local)
             else:
                 what = f"{type(module).__name__} {mod_name!r} ({local})"
-                if strict:
-                    raise ValueError(f"no exact per-sample formula for {what}; pass strict=False to use the "
-                                     "torch.func fallback (slower), or exclude it with modules=")
-                if what not in _warned:
-                    _warned.add(what)
-                    warnings.warn(f"fastprune: no exact per-sample formula for {what}; using torch.func "
-                                  "per-sample gradients for it (slower)", stacklevel=3)
-                plan.fallback[key] = _key(mod_name, actual)
+                why = "it is shared by several modules" if exact else "no exact per-sample formula covers it"
+                fallback(plan, key, _key(mod_name, actual), what, why, strict)
     if not plan.native and not plan.fallback:
         raise ValueError("no trainable parameters to collect statistics for (check modules= and requires_grad)")
     return plan
+
+
+def fallback(plan: StatsPlan, key: str, actual: str, what: str, why: str, strict: bool) -> None:
+    """Plans ``key`` for the torch.func fallback, with a one-time warning saying why
+    (``strict=True`` raises instead)."""
+    if strict:
+        raise ValueError(f"{what}: {why}; pass strict=False to use per-sample gradients from torch.func for it "
+                         "(slower), or exclude it with modules=")
+    if (what, why) not in _warned:
+        _warned.add((what, why))
+        warnings.warn(f"fastprune: {what}: {why}; using torch.func per-sample gradients for it (slower)",
+                      stacklevel=4)
+    plan.fallback[key] = actual
 
 
 def check_batchnorm(model: nn.Module, bn: str) -> list[nn.Module]:

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from ..criteria.magnitude import Magnitude
 from ..pruning import prune
 from ..targets import find_targets
+from ..validate import integer, real
 
 __all__ = ["LotteryTicket"]
 
@@ -38,10 +39,9 @@ class LotteryTicket:
 
     def __init__(self, rounds: int, prune_fraction: float = 0.2, rewind_step: int = 0, *, scope: str = "global",
                  modules=None, progress: bool = True):
-        if rounds < 1 or not 0.0 < prune_fraction < 1.0 or rewind_step < 0:
-            raise ValueError(f"need rounds >= 1, 0 < prune_fraction < 1 and rewind_step >= 0, got {rounds}, "
-                             f"{prune_fraction}, {rewind_step}")
-        self.rounds, self.prune_fraction, self.rewind_step = rounds, prune_fraction, rewind_step
+        self.rounds = integer(rounds, "rounds", 1)
+        self.prune_fraction = real(prune_fraction, "prune_fraction", 0, 1, low_open=True, high_open=True)
+        self.rewind_step = integer(rewind_step, "rewind_step", 0)
         self.scope, self.modules, self.progress = scope, modules, progress
 
     def run(self, model: nn.Module, train_fn: Callable, optimizer_factory: Callable) -> list[float]:

@@ -18,6 +18,7 @@ from ..criteria.magnitude import Magnitude
 from ..pruning import prune
 from ..stats.losses import mean_batch_losses
 from ..targets import find_targets
+from ..validate import integer, real
 
 __all__ = ["cubic_sparsity", "Gradual", "GraNet"]
 
@@ -38,16 +39,15 @@ class _Schedule:
     """Validation, event steps and checkpointing shared by the schedules."""
 
     def __init__(self, init_sparsity, final_sparsity, start_step, end_step, frequency, degree):
-        for name, s in (("init_sparsity", init_sparsity), ("final_sparsity", final_sparsity)):
-            if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s < 1.0:
-                raise ValueError(f"{name} must be a fraction in [0, 1), got {s!r}")
+        init_sparsity = real(init_sparsity, "init_sparsity", 0, 1, high_open=True)
+        final_sparsity = real(final_sparsity, "final_sparsity", 0, 1, high_open=True)
         if final_sparsity < init_sparsity:
             raise ValueError(f"final_sparsity ({final_sparsity}) is below init_sparsity ({init_sparsity}); "
                              "gradual pruning only increases sparsity")
-        if start_step < 0 or end_step < start_step:
-            raise ValueError(f"need 0 <= start_step <= end_step, got start_step={start_step}, end_step={end_step}")
-        if frequency < 1 or degree < 1:
-            raise ValueError(f"frequency and degree must be >= 1, got {frequency} and {degree}")
+        start_step, end_step = integer(start_step, "start_step", 0), integer(end_step, "end_step", 0)
+        if end_step < start_step:
+            raise ValueError(f"need start_step <= end_step, got start_step={start_step}, end_step={end_step}")
+        frequency, degree = integer(frequency, "frequency", 1), integer(degree, "degree", 1)
         self.init_sparsity, self.final_sparsity = float(init_sparsity), float(final_sparsity)
         self.start_step, self.end_step, self.frequency, self.degree = start_step, end_step, frequency, degree
         self.step_count = 0
@@ -138,8 +138,7 @@ class GraNet(_Schedule):
                  frequency: int, regrow_fraction: float = 0.5, degree: int = 3, *, modules=None, loss_fn=None,
                  progress: bool = False):
         super().__init__(init_sparsity, final_sparsity, start_step, end_step, frequency, degree)
-        if not 0.0 <= regrow_fraction <= 1.0:
-            raise ValueError(f"regrow_fraction must be in [0, 1], got {regrow_fraction}")
+        regrow_fraction = real(regrow_fraction, "regrow_fraction", 0, 1)
         self.regrow_fraction, self.modules, self.loss_fn, self.progress = regrow_fraction, modules, loss_fn, progress
 
     def regrow_rate(self, t: int) -> float:

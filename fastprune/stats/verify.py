@@ -1,0 +1,117 @@
+"""Checks each exact per-sample formula against autograd before trusting it.
+
+The formulas take dim 0 of a layer's input as the sample dim and assume the layer's
+own forward produced its output. A layer fed ``(T, N, ...)`` (``batch_first=False``
+attention blocks), a layer whose weight its parent reads directly
+(``nn.MultiheadAttention.out_proj``) or one whose samples mix would get wrong
+statistics with nothing to show for it. So on the first samples of the first batch,
+the formulas' sums of g_n and g_n**2 are compared with one autograd backward per
+sample; a module that disagrees moves to the torch.func fallback, with a warning
+that names it. The verdict is cached per model, input shape and plan, so repeated
+calls pay for the probe once.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+from .. import _ops
+from .capture import captured_forward, output_grads
+from .losses import per_sample_loss
+from .plan import StatsPlan, fallback
+
+__all__ = ["verify_plan"]
+
+# Samples of the probe: two, so that a layer mixing or mislaying samples shows.
+PROBE_SAMPLES = 2
+_verdicts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    # Wrong layouts are off by tens of percent; 16-bit autograd rounds at ~1e-3.
+    return 1e-4 if dtype in (torch.float32, torch.float64) else 5e-2
+
+
+def _signature(plan: StatsPlan, inputs) -> tuple:
+    shape = tuple(inputs.shape[1:]) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+    dtype = str(inputs.dtype) if isinstance(inputs, torch.Tensor) else ""
+    return shape, dtype, tuple((name, id(f.module), tuple(sorted(keys))) for name, (f, keys) in plan.native.items())
+
+
+def _probe(model: nn.Module, plan: StatsPlan, inputs, targets, loss_fn) -> dict[str, str] | None:
+    """{module name: why its formulas disagree with autograd} on the first samples, or
+    None when those samples give no verdict (non-finite values: the pass that follows
+    reports them)."""
+    k = min(PROBE_SAMPLES, len(inputs))
+    x = inputs[:k]
+    y = targets[:k] if isinstance(targets, torch.Tensor) else targets
+    with captured_forward(plan) as cap:
+        losses = per_sample_loss(loss_fn, model(x), y, k)
+    if not bool(losses.detach().isfinite().all()):
+        return None
+    calls = output_grads(losses.sum(), cap.calls) if cap.calls else {}
+    keys = {name: [(local, f"{name}.{local}" if name else local) for local in sorted(locals_)]
+            for name, (_, locals_) in plan.native.items()}
+    params = [plan.params[key] for entries in keys.values() for _, key in entries]
+    outputs = [(name, out) for name, captured in cap.calls.items() for _, out in captured]
+    ref_g = [0.0] * len(params)
+    ref_q = [0.0] * len(params)
+    bad: dict[str, str] = {}
+    for n in range(k):
+        grads = torch.autograd.grad(losses[n], params + [out for _, out in outputs], retain_graph=True,
+                                    allow_unused=True, materialize_grads=True)
+        if not all(bool(g.isfinite().all()) for g in grads):
+            return None
+        for i, g in enumerate(grads[: len(params)]):
+            g = g.detach().to(_ops.acc_dtype(g.dtype))
+            ref_g[i], ref_q[i] = ref_g[i] + g, ref_q[i] + g * g
+        # Sample n's loss may only reach row n of each output: anything else means the
+        # layer's dim 0 is not the samples (or the samples mix), whatever the values say.
+        for (name, out), g in zip(outputs, grads[len(params):]):
+            if out.shape[0] != k or bool(g[:n].any()) or bool(g[n + 1:].any()):
+                bad.setdefault(name, "its exact per-sample formula cannot apply: dim 0 of its output is not the "
+                                     "samples (a (T, N, ...) input, as batch_first=False code gives) or the "
+                                     "samples mix")
+    i = 0
+    for name, (formula, locals_) in plan.native.items():
+        sums = formula.sums(calls[name], set(locals_)) if name in calls else {}
+        for local, key in keys[name]:
+            g, q = sums.get(local, (torch.zeros_like(ref_g[i]), torch.zeros_like(ref_q[i])))
+            mask = plan.masks.get(key)
+            if mask is not None:  # the formulas give gradients of the masked weight, autograd of weight_orig
+                g, q = g * mask, q * mask
+            scale = float(ref_q[i].sum().sqrt())
+            err_g = float((g.reshape(ref_g[i].shape) - ref_g[i]).norm())
+            err_q = float((q.reshape(ref_q[i].shape) - ref_q[i]).abs().sum())
+            tol = _tolerance(plan.params[key].dtype)
+            if err_g > tol * scale + 1e-30 or err_q > tol * scale * scale + 1e-30:
+                why = "no call of its own forward was seen: its parent reads its weight directly" \
+                    if name not in calls else "its input is not batch-first or mixes the samples"
+                bad.setdefault(name, f"its exact per-sample formula disagrees with autograd ({why})")
+            i += 1
+    return bad
+
+
+def verify_plan(model: nn.Module, plan: StatsPlan, inputs, targets, loss_fn, strict: bool = False) -> None:
+    """Moves every module whose formulas disagree with autograd on the first samples of
+    ``inputs`` to the torch.func fallback (``strict=True`` raises instead). Runs the
+    probe once per model, input shape and plan; later calls reuse the verdict."""
+    if not plan.native or plan.verified:
+        return
+    verdicts = _verdicts.setdefault(model, {})
+    sig = _signature(plan, inputs)
+    verdict = verdicts.get(sig)
+    if verdict is None:
+        verdict = _probe(model, plan, inputs, targets, loss_fn)
+        if verdict is None:
+            return  # no verdict from these samples: the next batch tries again
+        verdicts[sig] = verdict
+    for name, why in verdict.items():
+        formula, locals_ = plan.native.pop(name)
+        for local in sorted(locals_):
+            key = f"{name}.{local}" if name else local
+            actual = key if key not in plan.masks else f"{key}_orig"
+            fallback(plan, key, actual, f"{type(formula.module).__name__} {name!r} ({local})", why, strict)
+    plan.verified = True

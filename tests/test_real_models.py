@@ -1,0 +1,221 @@
+"""Constructs of users' models that the exact paths used to get silently wrong: tied
+and shared Parameters, layers fed (T, N, ...), attention that bypasses its
+submodule's forward, recurrent layers. Every statistic is checked against torch.func
+(or a per-sample backward loop) in float64; every mask against its every use."""
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fastprune
+from fastprune.criteria import OBD, QM, Magnitude, WoodFisher
+
+
+def per_sample_loop(model, x, y, loss):
+    """{name: (N, *shape)} per-sample gradients by one backward per sample, keyed like
+    named_parameters() (a tied Parameter once, under its first name)."""
+    names, params = zip(*[(k, p) for k, p in model.named_parameters() if p.requires_grad])
+    rows = [torch.autograd.grad(loss(model(x[n:n + 1]), y[n:n + 1]).sum(), params, allow_unused=True,
+                                materialize_grads=True) for n in range(len(x))]
+    return {k: torch.stack([r[i] for r in rows]) for i, k in enumerate(names)}
+
+
+def ce(o, t):
+    return nn.functional.cross_entropy(o, t, reduction="none")
+
+
+def assert_diag(model, x, y, loss=ce, **kwargs):
+    ref = per_sample_loop(model, x, y, loss)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        diag, grad = fastprune.fisher_diag(model, [(x[:5], y[:5]), (x[5:], y[5:])], loss, return_grad=True,
+                                           progress=False, **kwargs)
+    for name, p in model.named_parameters():
+        key = name[:-5] if name.endswith("_orig") else name
+        mask = 1.0 if key == name else getattr(model.get_submodule(key.rpartition(".")[0]),
+                                              key.rpartition(".")[2] + "_mask")
+        torch.testing.assert_close(diag[key], ref[name].square().mean(0) * mask, rtol=1e-9, atol=1e-12, msg=key)
+        torch.testing.assert_close(grad[key], ref[name].mean(0) * mask, rtol=1e-9, atol=1e-12, msg=key)
+    return diag
+
+
+class TiedLM(nn.Module):
+    """An embedding tied to the output layer, as in GPT-2, Llama with tie_word_embeddings."""
+
+    def __init__(self, vocab=11, dim=6):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.mix = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mix(self.emb(ids)))).mean(1)
+
+
+class SharedLinear(nn.Module):
+    """One Parameter assigned to two Linears."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(5, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.out(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_tied_embedding_statistics_sum_the_uses():
+    model = TiedLM().double()
+    ids, y = torch.randint(0, 11, (9, 4)), torch.randint(0, 11, (9,))
+    diag = assert_diag(model, ids, y)
+    assert "head.weight" not in diag  # one Parameter, one entry, under its first name
+
+
+def test_shared_linear_statistics_and_one_mask_in_every_use():
+    model = SharedLinear().double()
+    x, y = torch.randn(9, 5, dtype=torch.float64), torch.randint(0, 3, (9,))
+    assert_diag(model, x, y)
+    masks = fastprune.prune(model, Magnitude(), 0.5, progress=False)
+    assert set(masks) == {"a.weight", "out.weight"}
+    assert model.a.weight_mask is model.b.weight_mask and model.a.weight_orig is model.b.weight_orig
+    assert torch.equal(model.a.weight, model.b.weight) and int((model.b.weight == 0).sum()) >= 12
+    assert_diag(model, x, y)  # statistics of the pruned, still tied model
+
+
+def test_tied_embedding_pruned_through_the_head_is_pruned_in_the_embedding():
+    model = TiedLM()
+    fastprune.prune(model, Magnitude(), 0.5, modules=["head"], progress=False)
+    assert model.emb.weight_mask is model.head.weight_mask
+    ids = torch.arange(11).unsqueeze(1)
+    rows = model.emb(ids).squeeze(1)  # the embedding's forward sees the mask too
+    assert torch.equal(rows == 0, ~model.head.weight_mask)
+    before = model.emb.weight_orig.detach().clone()
+    fastprune.prune(model, OBD(fisher="empirical"), 0.7, modules=["head"], data=[(torch.randint(0, 11, (8, 3)),
+                                                                                   torch.randint(0, 11, (8,)))],
+                    progress=False)
+    assert model.emb.weight_orig is model.head.weight_orig and not torch.equal(model.emb.weight_mask, before != 0)
+    state = model.state_dict()
+    fresh = TiedLM()
+    fastprune.load_pruned_state_dict(fresh, state)
+    assert fresh.emb.weight_mask is fresh.head.weight_mask or torch.equal(fresh.emb.weight_mask, fresh.head.weight_mask)
+    fastprune.remove_masks(model)
+    assert model.emb.weight is model.head.weight  # still tied after making it permanent
+
+
+def test_woodfisher_on_a_shared_parameter_compensates_once():
+    model = SharedLinear().double()
+    x, y = torch.randn(40, 5, dtype=torch.float64), torch.randint(0, 3, (40,))
+    fastprune.prune(model, WoodFisher(block_size=5, num_grads=40, damp=1e-3), 0.4, data=[(x, y)], progress=False)
+    assert model.a.weight_orig is model.b.weight_orig and torch.equal(model.a.weight, model.b.weight)
+
+
+class BatchSecond(nn.Module):
+    """Token model whose Linear and Embedding see (T, N, ...), as batch_first=False code does."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(13, 6)
+        self.fc = nn.Linear(6, 6)
+        self.norm = nn.LayerNorm(6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids):  # ids (N, T)
+        h = self.norm(torch.relu(self.fc(self.emb(ids.t()))))  # (T, N, 6)
+        return self.head(h.mean(0))
+
+
+def test_layers_fed_time_first_get_right_statistics():
+    model = BatchSecond().double()
+    ids, y = torch.randint(0, 13, (9, 5)), torch.randint(0, 3, (9,))
+    with pytest.warns(UserWarning, match="not the samples"):
+        fastprune.fisher_diag(model, [(ids, y)], progress=False)
+    assert_diag(model, ids, y)
+
+
+def test_layers_fed_time_first_under_strict_raise():
+    model = BatchSecond().double()
+    with pytest.raises(ValueError, match="cannot apply"):
+        fastprune.fisher_diag(model, [(torch.randint(0, 13, (4, 5)), torch.randint(0, 3, (4,)))], strict=True,
+                              progress=False)
+
+
+class Encoder(nn.Module):
+    def __init__(self, batch_first):
+        super().__init__()
+        self.batch_first = batch_first
+        self.emb = nn.Embedding(17, 8)
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=batch_first)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids):
+        h = self.emb(ids if self.batch_first else ids.t())
+        h = self.layer(h)
+        return self.head(h.mean(1 if self.batch_first else 0))
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_transformer_encoder_layer_statistics(batch_first):
+    model = Encoder(batch_first).double()
+    ids, y = torch.randint(0, 17, (9, 5)), torch.randint(0, 3, (9,))
+    assert_diag(model, ids, y)
+
+
+def test_attention_out_proj_mask_in_force_and_trained():
+    model = Encoder(batch_first=True)
+    fastprune.prune(model, Magnitude(), 0.6, progress=False)
+    attn = model.layer.self_attn
+    ids = torch.randint(0, 17, (4, 5))
+    # The masked model must equal a dense copy whose pruned weights are zero.
+    dense = copy.deepcopy(model)
+    fastprune.remove_masks(dense)
+    torch.testing.assert_close(model(ids), dense(ids))
+    model(ids).sum().backward()
+    grad = attn.out_proj.weight_orig.grad
+    assert grad is not None and bool((grad[attn.out_proj.weight_mask.bool()] != 0).any())
+    assert bool((grad[~attn.out_proj.weight_mask.bool()] == 0).all())
+
+
+def test_attention_statistics_after_pruning():
+    model = Encoder(batch_first=False).double()
+    fastprune.prune(model, Magnitude(), 0.5, progress=False)
+    assert_diag(model, torch.randint(0, 17, (9, 5)), torch.randint(0, 3, (9,)))
+
+
+@pytest.mark.parametrize("cell", [nn.RNN, nn.GRU, nn.LSTM])
+def test_recurrent_layers_get_statistics(cell):
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = cell(4, 5, batch_first=True)
+            self.head = nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+
+    model = Recurrent().double()
+    assert_diag(model, torch.randn(9, 6, 4, dtype=torch.float64), torch.randint(0, 3, (9,)))
+
+
+def test_probe_runs_once_per_model_and_shape(monkeypatch):
+    from fastprune.stats import verify
+    calls = []
+    real = verify._probe
+    monkeypatch.setattr(verify, "_probe", lambda *a: calls.append(1) or real(*a))
+    model = nn.Sequential(nn.Linear(4, 3))
+    data = [(torch.randn(6, 4), torch.randint(0, 3, (6,)))]
+    for _ in range(3):
+        fastprune.fisher_diag(model, data, progress=False)
+    assert len(calls) == 1
+    fastprune.fisher_diag(model, [(torch.randn(6, 2, 4), torch.randint(0, 3, (6, 2)))], lambda o, t:
+                          ce(o.flatten(0, 1), t.flatten()).view(-1, 2).mean(1), progress=False)
+    assert len(calls) == 2
+
+
+def test_qm_on_a_tied_model_prunes_one_target():
+    model = TiedLM()
+    data = [(torch.randint(0, 11, (8, 3)), torch.randint(0, 11, (8,)))]
+    masks = fastprune.prune(model, QM(fisher="empirical"), 0.5, data=data, modules=["head", "mix"], progress=False)
+    assert set(masks) == {"mix.weight", "head.weight"}
