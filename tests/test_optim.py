@@ -244,3 +244,24 @@ def test_cuda_matches_cpu(kind):
             p.grad = g.to(p.device)
             opt.step()
     torch.testing.assert_close(params[1].detach().cpu(), params[0].detach(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("make", [lambda m: MaskedAdam(m, lr=1e-2), lambda m: MaskedAdamW(m, lr=1e-2),
+                                  lambda m: MaskedSGD(m, lr=1e-2, momentum=0.9),
+                                  lambda m: masked(torch.optim.Adam(m.parameters(), lr=1e-2), m)])
+def test_pruned_entries_stay_exactly_zero_in_16_bit(dtype, make):
+    # float16's eps of 1e-8 underflows: a pruned entry's Adam update is 0/0 there.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)).to(dtype)
+    fastprune.prune(model, fastprune.criteria.Magnitude(), 0.5, progress=False)
+    opt = make(model)
+    x = torch.randn(4, 8, dtype=dtype)
+    for _ in range(3):
+        model(x).float().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    for layer in (model[0], model[2]):
+        pruned = ~layer.weight_mask.bool()
+        assert bool((layer.weight_orig[pruned] == 0).all()) and bool(layer.weight_orig.isfinite()[~pruned].all())
+    assert bool(model(x).isfinite().all())

@@ -173,10 +173,10 @@ def _sgd_unfused(p, state, mask, first, *, lr, momentum, dampening, weight_decay
             buf.mul_(momentum).add_(g, alpha=1 - dampening)
         g = g.add(buf, alpha=momentum) if nesterov else buf
         if mask is not None:
-            buf.mul_(mask)
+            buf.masked_fill_(~mask, 0)
     p.add_(g, alpha=-lr)
     if mask is not None:
-        p.mul_(mask)
+        p.masked_fill_(~mask, 0)
 
 
 class _MaskedAdamStep(_MaskedStep):
@@ -213,8 +213,10 @@ def _adam_unfused(p, exp_avg, exp_avg_sq, mask, *, lr, beta1, beta2, eps, weight
     denom = (exp_avg_sq.sqrt() / (1 - beta2 ** step) ** 0.5).add_(eps)
     p.addcdiv_(exp_avg, denom, value=-(lr / (1 - beta1 ** step)))
     if mask is not None:
+        # Filled, not multiplied: in float16 eps underflows, so a pruned entry's update is
+        # 0/0 = NaN, and NaN * 0 stays NaN.
         for t in (p, exp_avg, exp_avg_sq):
-            t.mul_(mask)
+            t.masked_fill_(~mask, 0)
 
 
 class MaskedAdam(_MaskedAdamStep, torch.optim.Adam):
@@ -266,10 +268,10 @@ class masked:
             mask = masks.get(id(p))
             if mask is None:
                 continue
-            p.mul_(mask)
+            p.masked_fill_(~mask, 0)  # not mul_: a NaN update (float16 Adam) times 0 stays NaN
             for value in self.optimizer.state.get(p, {}).values():
                 if isinstance(value, torch.Tensor) and value.shape == p.shape:
-                    value.mul_(mask)
+                    value.masked_fill_(~mask, 0)
         return loss
 
     def __getattr__(self, name):
