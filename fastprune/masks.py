@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 __all__ = ["apply_masks", "get_mask", "pruned_names", "unmasked_name", "remove_masks", "load_pruned_state_dict",
-           "split_param_name", "refresh_masked", "trainable", "uses_of", "unprune"]
+           "split_param_name", "refresh_masked", "trainable", "uses_of", "unprune", "check_binary"]
 
 
 class FastpruneMask(torch_prune.BasePruningMethod):
@@ -57,6 +57,15 @@ def unmasked_name(module: nn.Module, param_name: str) -> str:
     ``weight_orig``, the name itself otherwise."""
     base = param_name[: -len("_orig")]
     return base if param_name.endswith("_orig") and hasattr(module, base + "_mask") else param_name
+
+
+def check_binary(name: str, mask: torch.Tensor) -> None:
+    """Refuses a mask with values other than 0 and 1 (a soft mask: 0.5 would scale the
+    weight in torch's hook while fastprune counted it as kept)."""
+    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+        bad = mask[(mask != 0) & (mask != 1)].flatten()[:3].tolist()
+        raise ValueError(f"the mask of {name!r} holds values other than 0 and 1 (e.g. {bad}); fastprune masks keep "
+                         "(1/True) or prune (0/False) each weight. Binarise it first, e.g. mask > 0.5")
 
 
 def trainable(module: nn.Module, name: str) -> nn.Parameter | None:
@@ -141,6 +150,7 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Modul
             raise KeyError(f"{name!r} {kind}; only parameters can be pruned")
         if mask.shape != param.shape:
             raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)}, parameter has {tuple(param.shape)}")
+        check_binary(name, mask)
         resolved.append((uses_of(model, param), mask))
     bypass = _bypass_parents(model)
     with torch.no_grad():
@@ -176,14 +186,49 @@ def unprune(uses: list[tuple[nn.Module, str]]) -> nn.Parameter:
     return param
 
 
+def _check_loadable(model: nn.Module, state_dict: Mapping[str, torch.Tensor], masks, strict: bool) -> None:
+    """Every check load_pruned_state_dict needs, before anything changes: the keys the
+    model will have once the masks are applied (missing or unexpected ones, with
+    ``strict``), every shape, and binary masks. torch's load_state_dict alone copies
+    what matches before it raises."""
+    names_of: dict[int, list[str]] = {}
+    for prefix, m in model.named_modules(remove_duplicate=False):
+        names_of.setdefault(id(m), []).append(prefix)
+    renamed = set()
+    for name, mask in masks.items():
+        module, local = split_param_name(model, name)
+        param = trainable(module, local)
+        if param is None:
+            raise KeyError(f"the state dict prunes {name!r}, which is not a parameter of the model")
+        check_binary(name, mask)
+        renamed |= {f"{p}.{n}" if p else n for m, n in uses_of(model, param) if get_mask(m, n) is None
+                    for p in names_of[id(m)]}
+    expected = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        for k in ((key + "_orig", key + "_mask") if key in renamed else (key,)):
+            expected[k] = tuple(value.shape)
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if strict and (missing or unexpected):
+        raise KeyError(f"the state dict does not fit the model: missing {missing}, unexpected {unexpected}; pass "
+                       "strict=False to load the keys that match")
+    wrong = [f"{k}: {tuple(v.shape)} in the state dict, {expected[k]} in the model"
+             for k, v in state_dict.items() if k in expected and tuple(v.shape) != expected[k]]
+    if wrong:
+        raise ValueError(f"shapes differ, so nothing was loaded: {'; '.join(wrong)}")
+
+
 def load_pruned_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
     """Loads a state dict saved from a pruned model into an unpruned (or pruned) copy.
 
     ``load_state_dict`` alone fails on an unpruned model because ``weight_orig`` /
-    ``weight_mask`` keys do not exist yet; this applies the saved masks first.
+    ``weight_mask`` keys do not exist yet; this applies the saved masks first. Keys,
+    shapes and masks are checked first: a state dict that does not fit raises and
+    leaves the model as it was.
     """
     masks = {k[: -len("_mask")]: v for k, v in state_dict.items()
              if k.endswith("_mask") and k[: -len("_mask")] + "_orig" in state_dict}
+    _check_loadable(model, state_dict, masks, strict)
     apply_masks(model, masks)
     result = model.load_state_dict(state_dict, strict=strict)
     with torch.no_grad():  # the masked weights torch's hook keeps, until the next forward

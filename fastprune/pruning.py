@@ -11,7 +11,7 @@ from .criteria.base import Criterion, PruningStep
 from .distributed import broadcast_from_first, resolve_group
 from .errors import check_finite
 from .rng import get_rng_state, set_rng_state
-from .masks import apply_masks, unprune
+from .masks import apply_masks, check_binary, unprune
 from .sparse.frozen import FrozenPattern
 from .select import keep_counts, nm_masks, parse_pattern, threshold_masks
 from .targets import Target, find_targets
@@ -161,6 +161,9 @@ class Pruner:
         self.data, self.loss_fn, self.scope, self.steps = data, loss_fn, scope, steps
         self.process_group, self.group = process_group, resolve_group(process_group)
         self.targets = find_targets(model, modules)
+        for t in self.targets:
+            if t.mask is not None:
+                check_binary(t.name, t.mask)
         frozen = [t.name for t in self.targets if isinstance(t.module, FrozenPattern)]
         if frozen:
             raise ValueError(f"{frozen} were converted by fastprune.sparse.to_sparse (their pattern is frozen); call "

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .masks import get_mask, refresh_masked, trainable, uses_of
 
@@ -69,6 +70,14 @@ def _has_weight(module: nn.Module) -> bool:
         module._parameters.get("weight"), nn.Parameter)
 
 
+def _derived_weight(module: nn.Module) -> bool:
+    """Whether ``module.weight`` is computed from other parameters: torch.nn.utils.parametrize,
+    or the old hook-based weight_norm / spectral_norm (read without evaluating the weight,
+    which would advance spectral_norm's power iteration)."""
+    return parametrize.is_parametrized(module, "weight") or any(
+        getattr(h, "name", None) == "weight" for h in module._forward_pre_hooks.values())
+
+
 def select_modules(model: nn.Module, modules: Iterable[str | type] | str | type, has: Callable[[nn.Module], bool],
                    what: str) -> dict[str, nn.Module]:
     """The modules of ``model`` that ``modules=`` selects, in ``named_modules()`` order:
@@ -103,6 +112,14 @@ def find_targets(model: nn.Module, modules: Iterable[str | type] | str | type | 
     """
     if modules is None:
         selected = [n for n, m in model.named_modules() if isinstance(m, DEFAULT_PRUNABLE) and _has_weight(m)]
+        hidden = [f"{type(m).__name__} {n!r}" for n, m in model.named_modules()
+                  if isinstance(m, DEFAULT_PRUNABLE) and not _has_weight(m) and _derived_weight(m)]
+        if hidden:
+            raise ValueError(f"{', '.join(hidden)} compute their weight from other parameters (torch.nn.utils."
+                             "parametrize: weight_norm, spectral_norm, orthogonal; or the old weight_norm hook), so "
+                             "a mask on it would not hold. Remove the parametrization first "
+                             "(parametrize.remove_parametrizations(module, 'weight')), or name the modules to prune "
+                             "with modules=[...]")
     else:
         selected = list(select_modules(model, modules, _has_weight, "weight parameter to prune"))
     targets, seen = [], set()

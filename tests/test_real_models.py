@@ -219,3 +219,90 @@ def test_qm_on_a_tied_model_prunes_one_target():
     data = [(torch.randint(0, 11, (8, 3)), torch.randint(0, 11, (8,)))]
     masks = fastprune.prune(model, QM(fisher="empirical"), 0.5, data=data, modules=["head", "mix"], progress=False)
     assert set(masks) == {"mix.weight", "head.weight"}
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(model, state):
+    now = model.state_dict()
+    return set(now) == set(state) and all(torch.equal(now[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda m: nn.utils.parametrizations.spectral_norm(m),
+    lambda m: nn.utils.parametrizations.weight_norm(m),
+    lambda m: nn.utils.parametrizations.orthogonal(m),
+])
+def test_parametrized_weights_are_refused_clearly(wrap):
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), wrap(nn.Linear(6, 6)))
+    state = _state(model)
+    with pytest.raises(ValueError, match=r"Linear '2' compute their weight from other parameters.*modules="):
+        fastprune.prune(model, Magnitude(), 0.5, progress=False)
+    assert _same(model, state)
+    fastprune.prune(model, Magnitude(), 0.5, modules=["0"], progress=False)  # the others still prune
+
+
+def test_soft_masks_are_refused():
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    torch.nn.utils.prune.custom_from_mask(model[0], "weight", torch.full((6, 6), 0.5))
+    state = _state(model)
+    with pytest.raises(ValueError, match="values other than 0 and 1"):
+        fastprune.prune(model, Magnitude(), 0.5, progress=False)
+    assert _same(model, state)
+    with pytest.raises(ValueError, match="values other than 0 and 1"):
+        fastprune.apply_masks(model, {"2.weight": torch.rand(3, 6)})
+    assert _same(model, state)
+    from fastprune.optim import MaskedSGD
+    with pytest.raises(ValueError, match=r"masks\[0\].*values other than 0 and 1"):
+        MaskedSGD([model[2].weight], lr=0.1, masks=[torch.rand(3, 6)])
+    pruned = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    fastprune.prune(pruned, Magnitude(), 0.5, progress=False)
+    sd = pruned.state_dict()
+    sd["0.weight_mask"] = torch.rand(6, 6)
+    fresh = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    before = _state(fresh)
+    with pytest.raises(ValueError, match="values other than 0 and 1"):
+        fastprune.load_pruned_state_dict(fresh, sd)
+    assert _same(fresh, before) and not hasattr(fresh[0], "weight_orig")
+
+
+def test_old_hook_based_weight_norm_is_refused():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layer = nn.utils.weight_norm(nn.Linear(6, 6))
+    with pytest.raises(ValueError, match="compute their weight from other parameters"):
+        fastprune.prune(nn.Sequential(layer), Magnitude(), 0.5, progress=False)
+
+
+def _pruned_mlp():
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    fastprune.prune(model, Magnitude(), 0.5, progress=False)
+    return model
+
+
+@pytest.mark.parametrize("spoil,error,match", [
+    (lambda sd: sd.update({"0.weight_orig": torch.zeros(5, 6)}), ValueError, "shapes differ"),
+    (lambda sd: sd.pop("2.bias"), KeyError, r"missing \['2.bias'\]"),
+    (lambda sd: sd.update({"9.weight": torch.zeros(1)}), KeyError, "unexpected"),
+])
+def test_failed_load_pruned_state_dict_changes_nothing(spoil, error, match):
+    sd = dict(_pruned_mlp().state_dict())
+    spoil(sd)
+    fresh = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    before = _state(fresh)
+    with pytest.raises(error, match=match):
+        fastprune.load_pruned_state_dict(fresh, sd)
+    assert _same(fresh, before) and not hasattr(fresh[0], "weight_orig") and not fresh[0]._forward_pre_hooks
+
+
+def test_failed_load_sparse_changes_nothing(tmp_path):
+    from fastprune.sparse import load_sparse, save_sparse
+    save_sparse(_pruned_mlp(), tmp_path / "m.safetensors")
+    other = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    other[2].bias = nn.Parameter(torch.zeros(4))  # only the bias disagrees
+    before = _state(other)
+    with pytest.raises(ValueError, match="2.bias"):
+        load_sparse(tmp_path / "m.safetensors", other)
+    assert _same(other, before) and not hasattr(other[0], "weight_orig")

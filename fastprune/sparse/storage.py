@@ -7,7 +7,7 @@ import os
 import torch
 from torch import nn
 
-from ..masks import apply_masks, get_mask, pruned_names, split_param_name
+from ..masks import apply_masks, get_mask, pruned_names, split_param_name, trainable
 from .convert import CONVERTED
 
 __all__ = ["save_sparse", "load_sparse"]
@@ -113,6 +113,16 @@ def load_sparse(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     missing, unexpected = expected - set(tensors), set(tensors) - expected
     if missing or unexpected:
         raise KeyError(f"file and model disagree: the file lacks {sorted(missing)} and has extra {sorted(unexpected)}")
+    current = model.state_dict()
+    wrong = [f"{k}: {tuple(v.shape)} in the file, {tuple(current[k].shape)} in the model" for k, v in tensors.items()
+             if tuple(v.shape) != tuple(current[k].shape)]
+    for key, weight in weights.items():
+        param = trainable(*split_param_name(model, key))
+        if param is None or param.shape != weight.shape:
+            wrong.append(f"{key}: {tuple(weight.shape)} in the file, "
+                         f"{None if param is None else tuple(param.shape)} in the model")
+    if wrong:
+        raise ValueError(f"file and model disagree, so nothing was loaded: {'; '.join(wrong)}")
     apply_masks(model, masks)
     with torch.no_grad():
         state = model.state_dict(keep_vars=True)

@@ -34,7 +34,7 @@ from torch import nn
 from torch.optim.optimizer import _get_scalar_dtype
 
 from .. import _ops
-from ..masks import get_mask, pruned_names
+from ..masks import check_binary, get_mask, pruned_names
 
 __all__ = ["MaskedSGD", "MaskedAdam", "MaskedAdamW", "masked"]
 
@@ -59,6 +59,7 @@ class _Masks:
             if not isinstance(m, torch.Tensor) or m.shape != p.shape:
                 shape = tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
                 raise ValueError(f"masks[{i}] has shape {shape}, but parameter {i} has shape {tuple(p.shape)}")
+            check_binary(f"masks[{i}]", m)
             self.fixed[id(p)] = m
 
     def lookup(self) -> dict[int, torch.Tensor]:
