@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 __all__ = ["apply_masks", "get_mask", "pruned_names", "unmasked_name", "remove_masks", "load_pruned_state_dict",
-           "split_param_name", "refresh_masked", "trainable", "uses_of", "unprune", "check_binary"]
+           "split_param_name", "refresh_masked", "refresh_masks", "trainable", "uses_of", "unprune", "check_binary"]
 
 
 class FastpruneMask(torch_prune.BasePruningMethod):
@@ -216,6 +216,17 @@ def _check_loadable(model: nn.Module, state_dict: Mapping[str, torch.Tensor], ma
              for k, v in state_dict.items() if k in expected and tuple(v.shape) != expected[k]]
     if wrong:
         raise ValueError(f"shapes differ, so nothing was loaded: {'; '.join(wrong)}")
+
+
+def refresh_masks(model: nn.Module) -> nn.Module:
+    """Recomputes every masked weight outside autograd. After a forward with gradients
+    on, ``module.weight`` is part of the graph, which ``copy.deepcopy`` refuses (torch's
+    own pruning behaves the same); call this first, e.g. before copying a model for EMA."""
+    with torch.no_grad():
+        for module in model.modules():
+            for name in pruned_names(module):
+                refresh_masked(module, name)
+    return model
 
 
 def load_pruned_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True):

@@ -17,7 +17,7 @@ from .select import keep_counts, nm_masks, parse_pattern, threshold_masks
 from .targets import Target, find_targets
 from .validate import integer, real
 
-__all__ = ["prune", "Pruner", "geometric_schedule"]
+__all__ = ["prune", "Pruner", "geometric_schedule", "Snapshot"]
 
 
 def geometric_schedule(sparsity: float, steps: int) -> list[float]:
@@ -26,7 +26,7 @@ def geometric_schedule(sparsity: float, steps: int) -> list[float]:
     return [1.0 - (1.0 - sparsity) ** (k / steps) for k in range(1, steps + 1)]
 
 
-class _Snapshot:
+class Snapshot:
     """Weights and masks of the targets, to restore if a multi-step call fails."""
 
     def __init__(self, targets: list[Target]):
@@ -157,6 +157,9 @@ class Pruner:
             raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
         if criterion.requires_data and data is None:
             raise ValueError(f"{criterion!r} needs data: pass data=... (batches of (inputs, targets)) and loss_fn")
+        if criterion.requires_data and steps > 1 and iter(data) is data:
+            raise ValueError(f"data is a one-shot iterator ({type(data).__name__}), but {steps} steps each read it "
+                             "afresh; pass something re-iterable: a list of batches or a DataLoader")
         self.model, self.criterion, self.sparsity = model, criterion, float(sparsity)
         self.data, self.loss_fn, self.scope, self.steps = data, loss_fn, scope, steps
         self.process_group, self.group = process_group, resolve_group(process_group)
@@ -164,6 +167,10 @@ class Pruner:
         for t in self.targets:
             if t.mask is not None:
                 check_binary(t.name, t.mask)
+        frozen = [t.name for t in self.targets if not t.param.requires_grad]
+        if frozen and criterion.requires_data:
+            raise ValueError(f"{frozen} have requires_grad=False, but {type(criterion).__name__} scores from their "
+                             "gradients; leave them out with modules=[...], or set requires_grad=True while pruning")
         frozen = [t.name for t in self.targets if isinstance(t.module, FrozenPattern)]
         if frozen:
             raise ValueError(f"{frozen} were converted by fastprune.sparse.to_sparse (their pattern is frozen); call "
@@ -228,7 +235,7 @@ class Pruner:
     def run(self, progress: bool = True) -> dict[str, torch.Tensor]:
         """Takes every remaining step; if one fails, the model's weights and masks, and
         :attr:`completed`, go back to what they were when ``run`` was called."""
-        snapshot = _Snapshot(self.targets) if self.steps - self.completed > 1 else None
+        snapshot = Snapshot(self.targets) if self.steps - self.completed > 1 else None
         start = self.completed
         try:
             for _ in tqdm(range(start, self.steps), desc="pruning", initial=start, total=self.steps,
@@ -249,7 +256,8 @@ class Pruner:
         how many of their weights are pruned, the criterion's state and torch's RNG
         state (save the model's ``state_dict`` with it)."""
         return {"completed": self.completed, "steps": self.steps, "sparsity": self.sparsity,
-                "targets": [t.name for t in self.targets], "criterion": type(self.criterion).__name__,
+                "targets": [t.name for t in self.targets], "shapes": [list(t.shape) for t in self.targets],
+                "criterion": type(self.criterion).__name__,
                 "pruned": self._pruned_count(), "criterion_state": self.criterion.state_dict(),
                 "rng": get_rng_state()}
 
@@ -262,14 +270,38 @@ class Pruner:
             if state.get(key) != mine:
                 raise ValueError(f"this state was saved by a run with {key}={state.get(key)!r}, but this Pruner has "
                                  f"{key}={mine!r}; create the Pruner with the same arguments")
+        completed = state.get("completed")
+        if isinstance(completed, bool) or not isinstance(completed, int) or not 0 <= completed <= self.steps:
+            raise ValueError(f"this state records completed={completed!r} steps, but this Pruner has {self.steps}; "
+                             "it is not a state_dict() of this run")
+        shapes = [list(t.shape) for t in self.targets]
+        if state.get("shapes", shapes) != shapes:
+            raise ValueError(f"this state was saved for tensors of shapes {state['shapes']}, this model's are "
+                             f"{shapes}; create the Pruner on the same model")
+        _check_rng_state(state.get("rng"))
         pruned = self._pruned_count()
         if pruned != state["pruned"]:
             raise ValueError(f"the state was saved with {state['pruned']} pruned weights (after step "
                              f"{state['completed']}) but the model's masks prune {pruned}; load the model state_dict "
                              "saved with it first (fastprune.load_pruned_state_dict for an unpruned model)")
+        before = self.criterion.state_dict()
         self.criterion.load_state_dict(state["criterion_state"])
-        set_rng_state(state["rng"])
-        self.completed = state["completed"]
+        try:
+            set_rng_state(state["rng"])
+        except BaseException:
+            self.criterion.load_state_dict(before)
+            raise
+        self.completed = completed
+
+
+def _check_rng_state(rng) -> None:
+    """A saved RNG state must have the shape torch's generator takes, or set_rng_state
+    fails after the rest was loaded."""
+    cpu = rng.get("cpu") if isinstance(rng, dict) else None
+    now = torch.get_rng_state()
+    if not isinstance(cpu, torch.Tensor) or cpu.dtype != now.dtype or cpu.shape != now.shape:
+        raise ValueError("this state's RNG state is missing or not torch's (expected state['rng']['cpu'] as saved "
+                         "by Pruner.state_dict()); it is not a state_dict() of this run")
 
 
 def prune(model: nn.Module, criterion: Criterion, sparsity: float, *, data: Iterable | None = None,

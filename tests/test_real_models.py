@@ -306,3 +306,114 @@ def test_failed_load_sparse_changes_nothing(tmp_path):
     with pytest.raises(ValueError, match="2.bias"):
         load_sparse(tmp_path / "m.safetensors", other)
     assert _same(other, before) and not hasattr(other[0], "weight_orig")
+
+
+def test_deepcopy_after_a_forward_with_autograd():
+    model = _pruned_mlp()
+    model(torch.randn(2, 6)).sum().backward()
+    with pytest.raises(RuntimeError, match="graph leaves"):  # as with torch's own pruning
+        copy.deepcopy(model)
+    twin = copy.deepcopy(fastprune.refresh_masks(model))
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(twin(x), model(x))
+
+
+def test_gradient_criteria_refuse_frozen_targets_by_name(mlp):
+    mlp[0].weight.requires_grad_(False)
+    data = [(torch.randn(8, 20), torch.randint(0, 4, (8,)))]
+    for crit in (QM(), WoodFisher(num_grads=8, block_size=4)):
+        with pytest.raises(ValueError, match=r"\['0.weight'\] have requires_grad=False.*modules="):
+            fastprune.prune(mlp, crit, 0.5, data=data, progress=False)
+    fastprune.prune(mlp, Magnitude(), 0.5, progress=False)  # needs no gradient
+    fastprune.prune(mlp, QM(), 0.6, data=data, modules=["2", "4"], progress=False)
+
+
+def test_one_shot_generator_with_several_steps_is_refused_up_front(mlp):
+    gen = ((torch.randn(8, 20), torch.randint(0, 4, (8,))) for _ in range(2))
+    with pytest.raises(ValueError, match="one-shot iterator.*re-iterable"):
+        fastprune.prune(mlp, QM(), 0.5, data=gen, steps=3, progress=False)
+
+
+def test_empty_batches_are_skipped(mlp):
+    empty = (torch.zeros(0, 20), torch.zeros(0, dtype=torch.long))
+    full = (torch.randn(8, 20), torch.randint(0, 4, (8,)))
+    a = fastprune.fisher_diag(mlp, [empty, full, empty], progress=False)
+    b = fastprune.fisher_diag(mlp, [full], progress=False)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    fb = fastprune.FisherBlocks(mlp, 8)
+    fb.accumulate(*empty)
+    assert fb.num_samples == 0
+    from fastprune.criteria import SNIP
+    with pytest.raises(ValueError, match="no samples"):
+        fastprune.prune(mlp, SNIP(), 0.5, data=[empty], progress=False)
+    with pytest.raises(ValueError, match="no samples"):
+        fastprune.fisher_diag(mlp, [empty], progress=False)
+
+
+@pytest.mark.parametrize("name", ["SNIP", "GraSP"])
+def test_scoring_at_init_does_not_train_batchnorm(name):
+    from fastprune import criteria
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3))
+    before = {k: v.clone() for k, v in model.named_buffers()}
+    fastprune.prune(model, getattr(criteria, name)(), 0.5, data=[(torch.randn(8, 4), torch.randint(0, 3, (8,)))],
+                    progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.named_buffers() if not k.endswith("_mask"))
+
+
+def test_a_nan_batch_does_not_poison_fisher_blocks():
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    fb, ref = fastprune.FisherBlocks(model, 4), fastprune.FisherBlocks(model, 4)
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    bad = x.clone()
+    bad[2, 1] = float("nan")
+    with pytest.raises(fastprune.NonFiniteError, match="'0.weight'"):
+        fb.accumulate(bad, y)
+    fb.accumulate(x, y)
+    ref.accumulate(x, y)
+    assert fb.num_samples == 6 and torch.equal(fb.blocks("0.weight"), ref.blocks("0.weight"))
+
+
+def test_granet_step_with_bad_labels_changes_nothing():
+    from fastprune.schedules import GraNet
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    sched = GraNet(0.3, 0.8, start_step=0, end_step=4, frequency=2)
+    before = _state(model)
+    with pytest.raises(Exception):
+        sched.step(model, data=[(torch.randn(4, 6), torch.full((4,), 7))])  # labels out of range
+    assert _same(model, before) and not hasattr(model[0], "weight_orig") and sched.step_count == 0
+
+
+@pytest.mark.parametrize("spoil,match", [
+    (lambda st: st.update(completed=99), "completed=99"),
+    (lambda st: st.update(completed=-1), "completed=-1"),
+    (lambda st: st.update(rng={"cpu": torch.zeros(3, dtype=torch.uint8)}), "RNG state"),
+    (lambda st: st.update(shapes=[[3, 5]]), "shapes"),
+])
+def test_pruner_refuses_a_state_that_is_not_its_own(spoil, match):
+    pruner = fastprune.Pruner(nn.Sequential(nn.Linear(4, 3)), Magnitude(), 0.5, steps=4)
+    pruner.step()
+    state = pruner.state_dict()
+    spoil(state)
+    fresh = fastprune.Pruner(nn.Sequential(nn.Linear(4, 3)), Magnitude(), 0.5, steps=4)
+    rng = torch.get_rng_state()
+    with pytest.raises(ValueError, match=match):
+        fresh.load_state_dict(state)
+    assert fresh.completed == 0 and torch.equal(torch.get_rng_state(), rng)
+
+
+def test_losses_receive_the_model_output_as_returned():
+    class DictOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return {"logits": self.fc(x)}
+
+    model = DictOut().double()
+    x, y = torch.randn(9, 4, dtype=torch.float64), torch.randint(0, 3, (9,))
+    assert_diag(model, x, y, loss=lambda o, t: ce(o["logits"], t))
+    with pytest.raises(ValueError, match="needs the model to return one tensor"):
+        fastprune.fisher_diag(model, [(x, y)], "cross_entropy", progress=False)
+    with pytest.raises(ValueError, match="must return a tensor of logits"):
+        fastprune.fisher_diag(model, [(x, y)], lambda o, t: ce(o["logits"], t), fisher="true", progress=False)

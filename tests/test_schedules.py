@@ -100,7 +100,7 @@ def test_schedule_errors():
         SNIP(num_batches=0)
     with pytest.raises(ValueError, match="temperature must be a number > 0"):
         GraSP(temperature=0)
-    with pytest.raises(ValueError, match="no batches"):
+    with pytest.raises(ValueError, match="no samples"):
         SNIP().scores(model, _params(model), data=[])
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..batches import model_device
 from ..masks import pruned_names, refresh_masked
-from ..stats.losses import effective_weights, mean_batch_losses
+from ..stats.losses import effective_weights, keep_running_stats, mean_batch_losses
 from ..validate import integer, real
 from .base import Criterion
 
@@ -29,9 +29,10 @@ class SNIP(Criterion):
     def scores(self, model, params, data=None, loss_fn=None):
         names = list(params)
         grads = [torch.zeros_like(w) for w in params.values()]
-        for loss, weights in mean_batch_losses(model, names, data, loss_fn, self.num_batches):
-            for acc, g in zip(grads, torch.autograd.grad(loss, weights)):
-                acc += g
+        with keep_running_stats(model):
+            for loss, weights in mean_batch_losses(model, names, data, loss_fn, self.num_batches):
+                for acc, g in zip(grads, torch.autograd.grad(loss, weights)):
+                    acc += g
         return {n: (g * params[n]).abs() for n, g in zip(names, grads)}
 
 
@@ -51,15 +52,18 @@ class GraSP(Criterion):
         names = list(params)
         batches = list(_batches_for(data, self.num_batches))
         g = [torch.zeros_like(w) for w in params.values()]
-        for loss, weights in mean_batch_losses(model, names, batches, loss_fn, self.num_batches, self.temperature):
-            for acc, gi in zip(g, torch.autograd.grad(loss, weights)):
-                acc += gi
         hg = [torch.zeros_like(w) for w in params.values()]
-        for loss, weights in mean_batch_losses(model, names, batches, loss_fn, self.num_batches, self.temperature):
-            grads = torch.autograd.grad(loss, weights, create_graph=True)
-            dot = sum((gi * ci).sum() for gi, ci in zip(grads, g))
-            for acc, h in zip(hg, torch.autograd.grad(dot, weights)):
-                acc += h
+        with keep_running_stats(model):
+            for loss, weights in mean_batch_losses(model, names, batches, loss_fn, self.num_batches,
+                                                   self.temperature):
+                for acc, gi in zip(g, torch.autograd.grad(loss, weights)):
+                    acc += gi
+            for loss, weights in mean_batch_losses(model, names, batches, loss_fn, self.num_batches,
+                                                   self.temperature):
+                grads = torch.autograd.grad(loss, weights, create_graph=True)
+                dot = sum((gi * ci).sum() for gi, ci in zip(grads, g))
+                for acc, h in zip(hg, torch.autograd.grad(dot, weights)):
+                    acc += h
         return {n: params[n] * h for n, h in zip(names, hg)}
 
 

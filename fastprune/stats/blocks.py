@@ -44,8 +44,10 @@ def accumulate_blocks(blocks: torch.Tensor, grads: torch.Tensor, block_size: int
     blocks.baddbmm_(per_block.transpose(1, 2), per_block)
 
 
-def _empirical(y):
-    return lambda outputs: iter([(y, outputs.new_ones(outputs.shape[0]), "grad")])
+def _empirical(y, inputs: torch.Tensor, plan):
+    """The one pass at the true labels ``y``, every sample weighted 1."""
+    dtype = next((p.dtype for p in plan.params.values() if p.is_floating_point()), torch.float32)
+    return lambda outputs: iter([(y, torch.ones(len(inputs), dtype=dtype, device=inputs.device), "grad")])
 
 
 class FisherBlocks:
@@ -119,9 +121,13 @@ class FisherBlocks:
         return list(self._targets)
 
     def accumulate(self, inputs: torch.Tensor, targets, loss_fn=None) -> None:
-        """Adds one batch: one forward and one backward of the per-sample loss."""
+        """Adds one batch: one forward and one backward of the per-sample loss. A batch
+        with NaN or inf raises :class:`~fastprune.errors.NonFiniteError` before anything
+        is added, so the sums stay usable; an empty batch adds nothing."""
         fn, _ = resolve_loss(loss_fn)
         check_batchnorm(self.model, self.bn)
+        if len(inputs) == 0:
+            return
         if self._synced:
             self._synced = False
             if torch.distributed.get_rank(self._group) != 0:
@@ -130,7 +136,13 @@ class FisherBlocks:
                 self._count = 0
         with phase("stats"), batchnorm_eval(self.model, self.bn):
             verify_plan(self.model, self._plan, inputs, targets, fn, self._strict)
-            for _, calls, fallback in run_passes(self.model, self._plan, inputs, fn, _empirical(targets)):
+            passes = run_passes(self.model, self._plan, inputs, fn, _empirical(targets, inputs, self._plan))
+            for _, calls, fallback in passes:
+                # Per-sample gradients of finite inputs and output gradients are finite (short of
+                # overflow): checked before the sums take them in.
+                check_finite([(f"{name}.weight" if name else "weight", t) for name, captured in calls.items()
+                              for pair in captured for t in pair] + list(fallback.items()),
+                             "non-finite per-sample gradients", _NONFINITE_HINT, exact=False)
                 for mod_name, (formula, _) in self._plan.native.items():
                     if mod_name not in calls:
                         continue
@@ -232,10 +244,12 @@ class PerSampleGradients:
         plan, out = self.plan, {}
         with phase("stats"), batchnorm_eval(self.model, "raise"):
             verify_plan(self.model, plan, inputs, targets, self.loss_fn, self.strict)
-            for _, calls, fallback in run_passes(self.model, plan, inputs, self.loss_fn, _empirical(targets)):
+            passes = run_passes(self.model, plan, inputs, self.loss_fn, _empirical(targets, inputs, plan))
+            for _, calls, fallback in passes:
                 for mod_name, (formula, _) in plan.native.items():
                     if mod_name in calls:
-                        out[f"{mod_name}.weight" if mod_name else "weight"] = weight_per_sample(formula, calls[mod_name])
+                        key = f"{mod_name}.weight" if mod_name else "weight"
+                        out[key] = weight_per_sample(formula, calls[mod_name])
                 out.update({k: v.reshape(len(inputs), -1) for k, v in fallback.items()})
             check_finite(list(out.items()), "non-finite per-sample gradients", _NONFINITE_HINT, exact=False)
             for key in self.keys:

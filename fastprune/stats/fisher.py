@@ -84,8 +84,10 @@ def fisher_diag(model: nn.Module, data, loss_fn=None, *, fisher: str = "empirica
         # and key costs page faults (4 batches of LeNet-300-100 took 1.95x a step, not 1.7x).
         store[key] = value if key not in store else store[key].add_(value)
 
+    device = model_device(model)
+    dtype = next((p.dtype for p in plan.params.values() if p.is_floating_point()), torch.float32)
     with batchnorm_eval(model, bn):
-        batches = iterate_batches(data, model_device(model), max_samples)
+        batches = iterate_batches(data, device, max_samples)
         # Not even a disabled bar when progress=False: constructing one costs ~15 us a call.
         for x, y in tqdm(batches, desc="fisher") if progress else batches:
             if len(x) == 0:
@@ -94,9 +96,10 @@ def fisher_diag(model: nn.Module, data, loss_fn=None, *, fisher: str = "empirica
             _check_fallback_memory(plan, len(x), max_memory)
             def make_passes(outputs):
                 tag = "both" if return_grad and fisher == "empirical" else "fisher"
-                yield from ((t, w, tag) for t, w in fisher_passes(fisher, loss_name, outputs, y, mc_samples, gen))
-                if return_grad and fisher != "empirical":
-                    yield y, outputs.new_ones(len(x)), "grad"  # gradient at the true labels
+                yield from ((t, w, tag) for t, w in fisher_passes(fisher, loss_name, outputs, y, mc_samples, gen,
+                                                                  len(x), dtype))
+                if return_grad and fisher != "empirical":  # the gradient at the true labels
+                    yield y, torch.ones(len(x), dtype=dtype, device=device), "grad"
 
             for tag, calls, fallback in run_passes(model, plan, x, fn, make_passes):
                 for key, (g, q) in _pass_sums(plan, calls, fallback):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +12,7 @@ from ..batches import iterate_batches, model_device
 from ..masks import split_param_name
 
 __all__ = ["resolve_loss", "per_sample_loss", "fisher_passes", "FISHER_KINDS", "effective_weights",
-           "mean_batch_losses"]
+           "mean_batch_losses", "keep_running_stats"]
 
 FISHER_KINDS = ("empirical", "mc", "true")
 
@@ -28,6 +29,19 @@ _NAMED: dict[str, Callable] = {
 }
 
 
+def _tensor_output(fn: Callable, name: str) -> Callable:
+    """A named loss, refusing outputs that are not one tensor with a message saying how
+    to pass a loss that picks the prediction out of them."""
+    def loss(outputs, targets):
+        if not isinstance(outputs, torch.Tensor):
+            raise ValueError(f"loss_fn={name!r} needs the model to return one tensor; it returned "
+                             f"{type(outputs).__name__}. Pass a callable loss_fn(outputs, targets) that picks the "
+                             "prediction, e.g. lambda out, y: F.cross_entropy(out['logits'], y, reduction='none') "
+                             "or out[0] for a recurrent layer's (output, state)")
+        return fn(outputs, targets)
+    return loss
+
+
 def resolve_loss(loss_fn) -> tuple[Callable, str | None]:
     """Returns (callable, name); ``None`` means cross-entropy."""
     if loss_fn is None:
@@ -36,7 +50,7 @@ def resolve_loss(loss_fn) -> tuple[Callable, str | None]:
         if loss_fn not in _NAMED:
             raise ValueError(f"unknown loss {loss_fn!r}; use one of {sorted(_NAMED)} or a callable "
                              "loss_fn(outputs, targets) returning one loss per sample")
-        return _NAMED[loss_fn], loss_fn
+        return _tensor_output(_NAMED[loss_fn], loss_fn), loss_fn
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be a name or a callable, got {type(loss_fn).__name__}")
     return loss_fn, None
@@ -54,18 +68,23 @@ def per_sample_loss(loss_fn: Callable, outputs: torch.Tensor, targets, n: int) -
     return loss
 
 
-def fisher_passes(fisher: str, loss_name: str | None, outputs: torch.Tensor, targets, mc_samples: int,
-                  generator: torch.Generator | None) -> Iterator[tuple[object, torch.Tensor]]:
+def fisher_passes(fisher: str, loss_name: str | None, outputs, targets, mc_samples: int,
+                  generator: torch.Generator | None, n: int, dtype: torch.dtype
+                  ) -> Iterator[tuple[object, torch.Tensor]]:
     """Yields (targets, sqrt_weight) pairs; the Fisher is the sum over passes of the
     per-sample gradient products, each sample's gradient scaled by sqrt_weight.
 
     empirical: the true labels. mc: ``mc_samples`` labels drawn from the model's
     predictive, weight 1/mc_samples each. true: every class c, weight p(c | x),
-    the exact expectation (the GGN of softmax cross-entropy)."""
-    n = outputs.shape[0]
+    the exact expectation (the GGN of softmax cross-entropy). ``outputs`` are passed to
+    the loss as the model returns them (a dict or a ModelOutput too); ``n`` samples."""
     if fisher == "empirical":
-        yield targets, outputs.new_ones(n)
+        yield targets, torch.ones(n, dtype=dtype, device=_device_of(targets, outputs))
         return
+    if not isinstance(outputs, torch.Tensor):
+        raise ValueError(f"fisher={fisher!r} draws labels from the model's predictive distribution, so the model "
+                         f"must return a tensor of logits; it returned {type(outputs).__name__}. Use "
+                         "fisher='empirical' or wrap the model to return the logits")
     if loss_name not in ("cross_entropy", "nll"):
         raise ValueError(f"fisher={fisher!r} samples labels from the model's predictive distribution, which "
                          "fastprune knows for loss_fn='cross_entropy' (logits) and 'nll' (log-probabilities); "
@@ -74,12 +93,32 @@ def fisher_passes(fisher: str, loss_name: str | None, outputs: torch.Tensor, tar
         logits = outputs.detach().float()
         probs = logits.softmax(1) if loss_name == "cross_entropy" else logits.exp()
     if fisher == "mc":
-        weight = outputs.new_full((n,), (1.0 / mc_samples) ** 0.5)
+        weight = torch.full((n,), (1.0 / mc_samples) ** 0.5, dtype=dtype, device=outputs.device)
         for _ in range(mc_samples):
             yield torch.multinomial(probs, 1, generator=generator).squeeze(1), weight
     else:
         for c in range(probs.shape[1]):
-            yield torch.full((n,), c, dtype=torch.long, device=outputs.device), probs[:, c].sqrt().to(outputs.dtype)
+            yield torch.full((n,), c, dtype=torch.long, device=outputs.device), probs[:, c].sqrt().to(dtype)
+
+
+def _device_of(*candidates) -> torch.device:
+    """The device of the first tensor among ``candidates`` (CPU when none is one)."""
+    return next((c.device for c in candidates if isinstance(c, torch.Tensor)), torch.device("cpu"))
+
+
+@contextmanager
+def keep_running_stats(model: nn.Module):
+    """Restores every BatchNorm's running statistics after the block: forwards in train
+    mode that only score the weights (SNIP, GraSP) must not train the model."""
+    saved = [(m, {k: b.clone() for k, b in m._buffers.items() if b is not None}) for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, buffers in saved:
+                for k, b in buffers.items():
+                    m._buffers[k].copy_(b)
 
 
 def effective_weights(model: nn.Module, names) -> list[torch.Tensor]:
@@ -96,8 +135,10 @@ def mean_batch_losses(model: nn.Module, names, data, loss_fn, num_batches: int, 
     for x, y in iterate_batches(data, model_device(model), None):
         if batches == num_batches:
             return
+        if len(x) == 0:  # an empty batch has no mean loss
+            continue
         out = model(x) / temperature
         yield per_sample_loss(fn, out, y, len(x)).mean(), effective_weights(model, names)
         batches += 1
     if batches == 0:
-        raise ValueError("data yielded no batches")
+        raise ValueError("data yielded no samples")

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..criteria.base import Criterion
 from ..criteria.magnitude import Magnitude
-from ..pruning import prune
+from ..pruning import Snapshot, prune
 from ..stats.losses import mean_batch_losses
 from ..targets import find_targets
 from ..validate import integer, real
@@ -155,8 +155,13 @@ class GraNet(_Schedule):
             raise ValueError(f"GraNet needs data at pruning step {t} for the regrowth gradients: "
                              "call step(model, data=...)")
         target = self.sparsity(t)
-        prune(model, Magnitude(), target, scope="global", steps=1, modules=self.modules, progress=self.progress)
-        grads = _dense_gradients(model, self.modules, data, self.loss_fn)
+        snapshot = Snapshot(find_targets(model, self.modules))
+        try:  # bad data fails in the gradients, after the pruning: undo it
+            prune(model, Magnitude(), target, scope="global", steps=1, modules=self.modules, progress=self.progress)
+            grads = _dense_gradients(model, self.modules, data, self.loss_fn)
+        except BaseException:
+            snapshot.restore()
+            raise
         rate = self.regrow_rate(t)
         with torch.no_grad():
             for tgt in find_targets(model, self.modules):
