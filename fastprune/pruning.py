@@ -167,6 +167,11 @@ class Pruner:
         for t in self.targets:
             if t.mask is not None:
                 check_binary(t.name, t.mask)
+        meta = [t.name for t in self.targets if t.param.is_meta]
+        if meta:
+            raise ValueError(f"{meta} are on the meta device (shapes without values), so there is nothing to score; "
+                             "materialise the model first (model.to_empty(device=...) and load_state_dict, or load "
+                             "it without device='meta')")
         frozen = [t.name for t in self.targets if not t.param.requires_grad]
         if frozen and criterion.requires_data:
             raise ValueError(f"{frozen} have requires_grad=False, but {type(criterion).__name__} scores from their "

@@ -10,7 +10,7 @@ from torch.nn.utils import parametrize
 
 from .masks import get_mask, refresh_masked, trainable, uses_of
 
-__all__ = ["Target", "DEFAULT_PRUNABLE", "find_targets", "select_modules"]
+__all__ = ["Target", "DEFAULT_PRUNABLE", "find_targets", "select_modules", "has_weight"]
 
 #: Module types whose ``weight`` is pruned by default (biases and norms are not).
 DEFAULT_PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -65,7 +65,7 @@ class Target:
         return self.param.numel()
 
 
-def _has_weight(module: nn.Module) -> bool:
+def has_weight(module: nn.Module) -> bool:
     return isinstance(getattr(module, "weight_orig", None), nn.Parameter) or isinstance(
         module._parameters.get("weight"), nn.Parameter)
 
@@ -111,9 +111,9 @@ def find_targets(model: nn.Module, modules: Iterable[str | type] | str | type | 
     types; a named module must own a ``weight`` parameter.
     """
     if modules is None:
-        selected = [n for n, m in model.named_modules() if isinstance(m, DEFAULT_PRUNABLE) and _has_weight(m)]
+        selected = [n for n, m in model.named_modules() if isinstance(m, DEFAULT_PRUNABLE) and has_weight(m)]
         hidden = [f"{type(m).__name__} {n!r}" for n, m in model.named_modules()
-                  if isinstance(m, DEFAULT_PRUNABLE) and not _has_weight(m) and _derived_weight(m)]
+                  if isinstance(m, DEFAULT_PRUNABLE) and not has_weight(m) and _derived_weight(m)]
         if hidden:
             raise ValueError(f"{', '.join(hidden)} compute their weight from other parameters (torch.nn.utils."
                              "parametrize: weight_norm, spectral_norm, orthogonal; or the old weight_norm hook), so "
@@ -121,7 +121,7 @@ def find_targets(model: nn.Module, modules: Iterable[str | type] | str | type | 
                              "(parametrize.remove_parametrizations(module, 'weight')), or name the modules to prune "
                              "with modules=[...]")
     else:
-        selected = list(select_modules(model, modules, _has_weight, "weight parameter to prune"))
+        selected = list(select_modules(model, modules, has_weight, "weight parameter to prune"))
     targets, seen = [], set()
     for n in selected:
         module = model.get_submodule(n)

@@ -417,3 +417,25 @@ def test_losses_receive_the_model_output_as_returned():
         fastprune.fisher_diag(model, [(x, y)], "cross_entropy", progress=False)
     with pytest.raises(ValueError, match="must return a tensor of logits"):
         fastprune.fisher_diag(model, [(x, y)], lambda o, t: ce(o["logits"], t), fisher="true", progress=False)
+
+
+def test_sparsity_report_counts_converted_and_tied_layers():
+    from fastprune.sparse import to_sparse
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    fastprune.prune(model, Magnitude(), 0.9, progress=False)
+    want = fastprune.sparsity_report(model, print_table=False)
+    to_sparse(model, torch.randn(1, 64), calibrate=False)  # both become SparseLinear
+    assert fastprune.sparsity_report(model, print_table=False) == want
+    assert fastprune.sparsity_report(model, modules=["2"], print_table=False)["layers"] == \
+        {"2.weight": want["layers"]["2.weight"]}
+    tied = SharedLinear()
+    fastprune.prune(tied, Magnitude(), 0.5, progress=False)
+    assert list(fastprune.sparsity_report(tied, print_table=False)["layers"]) == ["a.weight", "out.weight"]
+
+
+def test_meta_models_are_refused_clearly():
+    model = nn.Linear(4, 3, device="meta")
+    with pytest.raises(ValueError, match="meta device"):
+        fastprune.prune(model, Magnitude(), 0.5, progress=False)
+    with pytest.raises(ValueError, match="meta device"):
+        fastprune.fisher_diag(model, [(torch.randn(2, 4), torch.tensor([0, 1]))], progress=False)

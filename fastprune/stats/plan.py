@@ -72,6 +72,10 @@ def plan_stats(model: nn.Module, modules=None, strict: bool = False, keys: set[s
                 what = f"{type(module).__name__} {mod_name!r} ({local})"
                 why = "it is shared by several modules" if exact else "no exact per-sample formula covers it"
                 fallback(plan, key, _key(mod_name, actual), what, why, strict)
+    meta = [k for k, p in plan.params.items() if p.is_meta]
+    if meta:
+        raise ValueError(f"{meta} are on the meta device (shapes without values); materialise the model first "
+                         "(model.to_empty(device=...) and load_state_dict)")
     if not plan.native and not plan.fallback:
         raise ValueError("no trainable parameters to collect statistics for (check modules= and requires_grad)")
     return plan
