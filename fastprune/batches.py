@@ -6,7 +6,9 @@ import torch
 
 from .rng import get_rng_state, set_rng_state
 
-__all__ = ["model_device", "iterate_batches", "SampleStream"]
+__all__ = ["model_device", "split_batch", "num_samples", "take", "join", "move", "leaves", "call", "call_args", "with_sample_dim",
+           "iterate_batches",
+           "SampleStream"]
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -15,19 +17,117 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def split_batch(batch) -> tuple[object, object]:
+    """``(inputs, targets)`` of one batch, in every form fastprune accepts:
+
+    - ``(inputs, targets)``: a pair, ``inputs`` a tensor (``model(inputs)``), a tuple or
+      list of tensors (``model(*inputs)``) or a dict of keyword arguments
+      (``model(**inputs)``);
+    - a dict of model keyword arguments whose ``"labels"`` entry holds the targets
+      (``{"input_ids": ..., "attention_mask": ..., "labels": ...}``, as Hugging Face
+      collators give); the model is called without ``labels``.
+
+    Every tensor in ``inputs`` has the samples in dim 0, and ``targets`` too when it
+    is a tensor; the per-sample loss ``loss_fn(outputs, targets)`` gets the model's
+    outputs as it returns them."""
+    if isinstance(batch, dict):
+        if "labels" not in batch:
+            raise ValueError(f"a dict batch needs a 'labels' entry for the targets; it has {sorted(batch)}")
+        return {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise ValueError("data must yield (inputs, targets) pairs, e.g. a DataLoader over a TensorDataset, or dicts of "
+                     "model keyword arguments with a 'labels' entry")
+
+
+def leaves(inputs):
+    """Every tensor in ``inputs`` (a tensor, or tuples, lists and dicts of them)."""
+    if isinstance(inputs, torch.Tensor):
+        yield inputs
+    elif isinstance(inputs, dict):
+        for v in inputs.values():
+            yield from leaves(v)
+    elif isinstance(inputs, (tuple, list)):
+        for v in inputs:
+            yield from leaves(v)
+
+
+def _map(fn, inputs):
+    if isinstance(inputs, torch.Tensor):
+        return fn(inputs)
+    if isinstance(inputs, dict):
+        return {k: _map(fn, v) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_map(fn, v) for v in inputs)
+    return inputs
+
+
+def num_samples(inputs) -> int:
+    """Samples in ``inputs``: the length of its tensors (all must agree)."""
+    sizes = {len(t) if t.dim() else None for t in leaves(inputs)}
+    if len(sizes) != 1 or None in sizes:
+        kinds = type(inputs).__name__ if not sizes else sorted(str(s) for s in sizes)
+        raise ValueError(f"fastprune takes the samples from dim 0 of every input tensor, but these inputs have "
+                         f"{kinds} there; inputs whose tensors do not share their first dim (EmbeddingBag's "
+                         "(ids, offsets), a PackedSequence) must be padded to a tensor per sample first")
+    return sizes.pop()
+
+
+def take(inputs, s0: int, s1: int):
+    """Samples [s0, s1) of ``inputs`` (every tensor sliced along dim 0)."""
+    return _map(lambda t: t[s0:s1], inputs)
+
+
+def join(parts: list):
+    """The samples of several ``inputs`` (of one structure) in one."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(first, dict):
+        return {k: join([p[k] for p in parts]) for k in first}
+    if isinstance(first, (tuple, list)):
+        return type(first)(join([p[i] for p in parts]) for i in range(len(first)))
+    return first
+
+
+def move(inputs, device: torch.device):
+    """``inputs`` with every tensor on ``device``."""
+    return _map(lambda t: t.to(device), inputs)
+
+
+def call_args(inputs) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` with which the model takes ``inputs`` (see :func:`split_batch`)."""
+    if isinstance(inputs, dict):
+        return (), inputs
+    if isinstance(inputs, (tuple, list)):
+        return tuple(inputs), {}
+    return (inputs,), {}
+
+
+def call(model: torch.nn.Module, inputs):
+    """``model`` applied to ``inputs`` in the form of :func:`split_batch`."""
+    args, kwargs = call_args(inputs)
+    return model(*args, **kwargs)
+
+
+def with_sample_dim(inputs):
+    """One sample's inputs (as vmap hands them) as a batch of one."""
+    return _map(lambda t: t.unsqueeze(0), inputs)
+
+
 def iterate_batches(data, device: torch.device, max_samples: int | None):
     """Yields (inputs, targets) moved to ``device``, truncated to ``max_samples`` in total."""
     seen = 0
     for batch in data:
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise ValueError("data must yield (inputs, targets) batches, e.g. a DataLoader over a TensorDataset")
-        x, y = batch
+        x, y = split_batch(batch)
+        n = num_samples(x)
         if max_samples is not None:
             if seen >= max_samples:
                 return
-            x, y = x[: max_samples - seen], y[: max_samples - seen]
-        seen += len(x)
-        yield x.to(device), y.to(device) if isinstance(y, torch.Tensor) else y
+            if seen + n > max_samples:
+                x, y, n = take(x, 0, max_samples - seen), take(y, 0, max_samples - seen), max_samples - seen
+        seen += n
+        yield move(x, device), move(y, device)
 
 
 class SampleStream:
@@ -65,9 +165,8 @@ class SampleStream:
         except StopIteration:
             self._it = None
             return None
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise ValueError("data must yield (inputs, targets) batches, e.g. a DataLoader over a TensorDataset")
-        self._samples_this_pass += len(batch[0])
+        batch = split_batch(batch)
+        self._samples_this_pass += num_samples(batch[0])
         return batch
 
     def _replay(self, state: dict) -> None:
@@ -101,21 +200,22 @@ class SampleStream:
             raise ValueError("data yielded no samples")
         return batch
 
-    def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def take(self, n: int) -> tuple[object, object]:
         """The next ``n`` samples as one ``(inputs, targets)`` pair."""
         xs, ys, got = [], [], 0
         while got < n:
             x, y = self._next_batch()
-            if len(x) == 0:
+            size = num_samples(x)
+            if size == 0:
                 continue
-            k = min(n - got, len(x))
-            xs.append(x[:k])
-            ys.append(y[:k])
-            if k < len(x):
-                self._rest = (x[k:], y[k:])
+            k = min(n - got, size)
+            xs.append(take(x, 0, k))
+            ys.append(take(y, 0, k))
+            if k < size:
+                self._rest = (take(x, k, size), take(y, k, size))
             got += k
             self._taken += k
-        return torch.cat(xs), torch.cat(ys)
+        return join(xs), join(ys)
 
     def state_dict(self) -> dict | None:
         """The current pass's starting RNG state and samples taken (None before any)."""

@@ -439,3 +439,70 @@ def test_meta_models_are_refused_clearly():
         fastprune.prune(model, Magnitude(), 0.5, progress=False)
     with pytest.raises(ValueError, match="meta device"):
         fastprune.fisher_diag(model, [(torch.randn(2, 4), torch.tensor([0, 1]))], progress=False)
+
+
+class KeywordLM(nn.Module):
+    """A Hugging Face style model: keyword inputs, a dict output."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(13, 6)
+        self.fc = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, input_ids, attention_mask):
+        h = torch.tanh(self.fc(self.emb(input_ids))) * attention_mask.unsqueeze(-1)
+        return {"logits": self.head(h.sum(1) / attention_mask.sum(1, keepdim=True))}
+
+
+def _dict_batches(n=9, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 13, (n, 5), generator=gen)
+    mask = torch.ones(n, 5)
+    mask[::2, 3:] = 0
+    labels = torch.randint(0, 3, (n,), generator=gen)
+    return [{"input_ids": ids[i:i + 4], "attention_mask": mask[i:i + 4], "labels": labels[i:i + 4]}
+            for i in range(0, n, 4)]
+
+
+def logits_ce(out, t):
+    return ce(out["logits"], t)
+
+
+def test_dict_batches_of_keyword_arguments():
+    model = KeywordLM().double()
+    batches = _dict_batches()
+    diag, grad = fastprune.fisher_diag(model, batches, logits_ce, return_grad=True, progress=False)
+    rows = []
+    for b in batches:
+        for n in range(len(b["labels"])):
+            out = model(b["input_ids"][n:n + 1], b["attention_mask"][n:n + 1].double())
+            rows.append(torch.autograd.grad(logits_ce(out, b["labels"][n:n + 1]).sum(), list(model.parameters())))
+    for i, (name, _) in enumerate(model.named_parameters()):
+        ref = torch.stack([r[i] for r in rows])
+        torch.testing.assert_close(diag[name], ref.square().mean(0), rtol=1e-9, atol=1e-12, msg=name)
+        torch.testing.assert_close(grad[name], ref.mean(0), rtol=1e-9, atol=1e-12, msg=name)
+    masks = fastprune.prune(model, WoodFisher(block_size=6, num_grads=6, damp=1e-3), 0.5, data=batches,
+                            loss_fn=logits_ce, steps=2, progress=False)
+    assert set(masks) == {"fc.weight", "head.weight"}
+
+
+def test_tuple_inputs_and_unsplittable_inputs():
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(2, 4)
+
+        def forward(self, x, z):
+            return self.a(x) + self.b(z)
+
+    model = TwoInputs().double()
+    x, z, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64), torch.randint(0, 4, (6,))
+    diag = fastprune.fisher_diag(model, [((x, z), y)], progress=False)
+    ref = torch.stack([torch.autograd.grad(ce(model(x[n:n + 1], z[n:n + 1]), y[n:n + 1]).sum(), model.a.weight)[0]
+                       for n in range(6)])
+    torch.testing.assert_close(diag["a.weight"], ref.square().mean(0))
+    bag = nn.Sequential()
+    bag.add_module("bag", nn.EmbeddingBag(10, 4, mode="sum"))
+    with pytest.raises(ValueError, match="EmbeddingBag's \\(ids, offsets\\)"):
+        fastprune.fisher_diag(bag, [((torch.arange(7), torch.tensor([0, 3])), torch.tensor([0, 1]))], progress=False)

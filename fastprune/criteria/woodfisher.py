@@ -10,7 +10,7 @@ import torch
 from ..distributed import (all_gather_rows, all_gather_spans, all_reduce_sum, block_spans, exchange_columns,
                            resolve_group)
 from .._ops import acc_dtype
-from ..batches import SampleStream
+from ..batches import SampleStream, num_samples, take
 from ..memory import check_budget
 from ..second_order.inverse import FisherInverse, check_damp
 from ..second_order.obs import obs_scores, obs_update
@@ -132,9 +132,9 @@ class WoodFisher(Criterion):
         shard = shards.sharded
         # With torch.distributed every rank brings its own num_grads gradients: N is their total.
         n = self.num_grads * shards.world
-        if group is not None and len(x) != self.num_grads * m:
+        if group is not None and num_samples(x) != self.num_grads * m:
             raise ValueError(f"with torch.distributed each rank needs num_grads * fisher_mini_batch = "
-                             f"{self.num_grads * m} samples, this rank's data gave {len(x)}")
+                             f"{self.num_grads * m} samples, this rank's data gave {num_samples(x)}")
         chunk = self._chunk(sum(w.numel() for w in params.values()))
         alive = {k: None if a is None else shards.share(k, a).bool() for k, a in step.masks.items()}
         slots = {k: FisherInverse.slots(c1 - c0, self._block(params[k].numel()), alive[k], params[k].device)
@@ -144,8 +144,8 @@ class WoodFisher(Criterion):
         blocks: dict[str, torch.Tensor] = {}
         grad_sum: dict[str, torch.Tensor] = {}
         per_sample = PerSampleGradients(step.model, step.loss_fn, [t.name.rpartition(".")[0] for t in step.targets])
-        for s0 in range(0, len(x), chunk):
-            ps = per_sample(x[s0:s0 + chunk], y[s0:s0 + chunk])
+        for s0 in range(0, num_samples(x), chunk):
+            ps = per_sample(take(x, s0, s0 + chunk), take(y, s0, s0 + chunk))
             ps = {k: ps[k] if m == 1 else ps[k].view(-1, m, ps[k].shape[1]).mean(1) for k in params}
             # Sharded: every rank's gradients, restricted to the columns of this rank's blocks.
             sources = [dict(zip(params, part)) for part in

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _ops
+from ..batches import leaves, num_samples
 from ..distributed import all_gather_rows, all_reduce_sum, resolve_group
 from ..errors import check_finite
 from ..memory import check_budget
@@ -44,10 +45,11 @@ def accumulate_blocks(blocks: torch.Tensor, grads: torch.Tensor, block_size: int
     blocks.baddbmm_(per_block.transpose(1, 2), per_block)
 
 
-def _empirical(y, inputs: torch.Tensor, plan):
+def _empirical(y, inputs, plan):
     """The one pass at the true labels ``y``, every sample weighted 1."""
-    dtype = next((p.dtype for p in plan.params.values() if p.is_floating_point()), torch.float32)
-    return lambda outputs: iter([(y, torch.ones(len(inputs), dtype=dtype, device=inputs.device), "grad")])
+    p = next(iter(plan.params.values()))
+    dtype = p.dtype if p.is_floating_point() else torch.float32
+    return lambda outputs: iter([(y, torch.ones(num_samples(inputs), dtype=dtype, device=p.device), "grad")])
 
 
 class FisherBlocks:
@@ -126,7 +128,8 @@ class FisherBlocks:
         is added, so the sums stay usable; an empty batch adds nothing."""
         fn, _ = resolve_loss(loss_fn)
         check_batchnorm(self.model, self.bn)
-        if len(inputs) == 0:
+        n = num_samples(inputs)
+        if n == 0:
             return
         if self._synced:
             self._synced = False
@@ -153,9 +156,9 @@ class FisherBlocks:
                         else:
                             _ops.grad_blocks_accumulate(*tile, self._sums[key])
                 for key, ps in fallback.items():
-                    accumulate_blocks(self._sums[key], ps.reshape(len(inputs), -1), self.block_size)
+                    accumulate_blocks(self._sums[key], ps.reshape(n, -1), self.block_size)
             check_finite(list(self._sums.items()), "non-finite per-sample gradients", _NONFINITE_HINT, exact=False)
-        self._count += len(inputs)
+        self._count += n
 
     def blocks(self, name: str) -> torch.Tensor:
         """(1/N) sum_n g_n[b] g_n[b]^T for every block of ``name``; rows and columns of
@@ -209,17 +212,18 @@ def per_sample_gradients(model: nn.Module, inputs: torch.Tensor, targets, loss_f
     ``max_memory`` (bytes, default half the free memory) is checked before any work.
     """
     group = resolve_group(process_group)
-    total = len(inputs)
+    n = total = num_samples(inputs)
+    device = next(leaves(inputs)).device
     if group is not None:  # the same checks on every rank, before any rank allocates
-        counts = torch.tensor([len(inputs)], device=inputs.device)
+        counts = torch.tensor([n], device=device)
         all_reduce_sum([counts], group)
         total = int(counts)
-        if total != len(inputs) * torch.distributed.get_world_size(group):
+        if total != n * torch.distributed.get_world_size(group):
             raise ValueError(f"per_sample_gradients under torch.distributed needs the same number of samples on "
-                             f"every rank; this rank has {len(inputs)} of {total} in all")
+                             f"every rank; this rank has {n} of {total} in all")
     tensors = find_targets(model, modules)
     need = 2 * total * sum(t.numel for t in tensors) * tensors[0].weight.element_size() if tensors else 0
-    check_budget(need, max_memory, inputs.device, f"per-sample gradients of {total} samples",
+    check_budget(need, max_memory, device, f"per-sample gradients of {total} samples",
                   "pass fewer samples per call (the sums of fisher_diag and FisherBlocks need no N x params "
                   "buffer)")
     out = PerSampleGradients(model, loss_fn, modules, strict)(inputs, targets)
@@ -250,7 +254,7 @@ class PerSampleGradients:
                     if mod_name in calls:
                         key = f"{mod_name}.weight" if mod_name else "weight"
                         out[key] = weight_per_sample(formula, calls[mod_name])
-                out.update({k: v.reshape(len(inputs), -1) for k, v in fallback.items()})
+                out.update({k: v.reshape(num_samples(inputs), -1) for k, v in fallback.items()})
             check_finite(list(out.items()), "non-finite per-sample gradients", _NONFINITE_HINT, exact=False)
             for key in self.keys:
                 mask = plan.masks.get(key)

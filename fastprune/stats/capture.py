@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from ..batches import call, call_args, num_samples, take, with_sample_dim
 from .losses import per_sample_loss
 from .plan import StatsPlan
 
@@ -73,8 +74,9 @@ def fallback_per_sample(model: nn.Module, plan: StatsPlan, inputs: torch.Tensor,
     state = {k: v.detach() for k, v in model.named_parameters() if id(v) not in ids} | dict(model.named_buffers())
 
     def loss_one(params, x, t, w):
-        out = functional_call(model, state | params, (x.unsqueeze(0),))
-        return (loss_fn(out, t.unsqueeze(0)) * w).sum()
+        args, kwargs = call_args(with_sample_dim(x))
+        out = functional_call(model, state | params, args, kwargs)
+        return (loss_fn(out, with_sample_dim(t)) * w).sum()
 
     try:
         ps = vmap(grad(loss_one), in_dims=(None, 0, 0, 0), randomness="different")(fb, inputs, targets, weight)
@@ -92,8 +94,8 @@ def _per_sample_loop(model, plan, inputs, targets, weight, loss_fn, why: Excepti
                       f"per-sample gradients of {what} come from one backward per sample (slow)", stacklevel=4)
     params = [plan.params[k] for k in plan.fallback]
     rows = []
-    for n in range(len(inputs)):
-        loss = (loss_fn(model(inputs[n:n + 1]), targets[n:n + 1]) * weight[n]).sum()
+    for n in range(num_samples(inputs)):
+        loss = (loss_fn(call(model, take(inputs, n, n + 1)), take(targets, n, n + 1)) * weight[n]).sum()
         rows.append([g.detach() for g in torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)])
     return {actual: torch.stack([r[i] for r in rows]) for i, actual in enumerate(plan.fallback.values())}
 
@@ -102,9 +104,9 @@ def run_passes(model, plan, inputs, loss_fn, make_passes):
     """Forward once; ``make_passes(outputs)`` yields (targets, sqrt_weight, tag) and, for
     each, this yields (tag, captured calls with output gradients, fallback per-sample
     gradients)."""
-    n = len(inputs)
+    n = num_samples(inputs)
     with captured_forward(plan) as cap:
-        outputs = model(inputs)
+        outputs = call(model, inputs)
     for t, w, tag in make_passes(outputs):
         total = (per_sample_loss(loss_fn, outputs, t, n) * w).sum()
         calls = output_grads(total, cap.calls) if cap.calls else {}

@@ -6,7 +6,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import _ops
-from ..batches import iterate_batches, model_device
+from ..batches import iterate_batches, model_device, num_samples
 from ..distributed import all_reduce_sum, resolve_group
 from ..errors import check_finite
 from ..memory import check_budget
@@ -90,16 +90,17 @@ def fisher_diag(model: nn.Module, data, loss_fn=None, *, fisher: str = "empirica
         batches = iterate_batches(data, device, max_samples)
         # Not even a disabled bar when progress=False: constructing one costs ~15 us a call.
         for x, y in tqdm(batches, desc="fisher") if progress else batches:
-            if len(x) == 0:
+            n = num_samples(x)
+            if n == 0:
                 continue
             verify_plan(model, plan, x, y, fn, strict)
-            _check_fallback_memory(plan, len(x), max_memory)
+            _check_fallback_memory(plan, n, max_memory)
             def make_passes(outputs):
                 tag = "both" if return_grad and fisher == "empirical" else "fisher"
                 yield from ((t, w, tag) for t, w in fisher_passes(fisher, loss_name, outputs, y, mc_samples, gen,
-                                                                  len(x), dtype))
+                                                                  n, dtype))
                 if return_grad and fisher != "empirical":  # the gradient at the true labels
-                    yield y, torch.ones(len(x), dtype=dtype, device=device), "grad"
+                    yield y, torch.ones(n, dtype=dtype, device=device), "grad"
 
             for tag, calls, fallback in run_passes(model, plan, x, fn, make_passes):
                 for key, (g, q) in _pass_sums(plan, calls, fallback):
@@ -107,7 +108,7 @@ def fisher_diag(model: nn.Module, data, loss_fn=None, *, fisher: str = "empirica
                         add(sq_sums, key, q)
                     if tag != "fisher":
                         add(grad_sums, key, g)
-            count += len(x)
+            count += n
     group = resolve_group(process_group)
     if group is not None:
         # Every rank reduces the same tensors in the same order, used or not.

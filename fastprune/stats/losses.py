@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..batches import iterate_batches, model_device
+from ..batches import call, iterate_batches, model_device, num_samples
 from ..masks import split_param_name
 
 __all__ = ["resolve_loss", "per_sample_loss", "fisher_passes", "FISHER_KINDS", "effective_weights",
@@ -135,10 +135,13 @@ def mean_batch_losses(model: nn.Module, names, data, loss_fn, num_batches: int, 
     for x, y in iterate_batches(data, model_device(model), None):
         if batches == num_batches:
             return
-        if len(x) == 0:  # an empty batch has no mean loss
+        n = num_samples(x)
+        if n == 0:  # an empty batch has no mean loss
             continue
-        out = model(x) / temperature
-        yield per_sample_loss(fn, out, y, len(x)).mean(), effective_weights(model, names)
+        out = call(model, x)
+        if temperature != 1.0:
+            out = out / temperature
+        yield per_sample_loss(fn, out, y, n).mean(), effective_weights(model, names)
         batches += 1
     if batches == 0:
         raise ValueError("data yielded no samples")

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .. import _ops
+from ..batches import leaves, call, num_samples, take
 from .capture import captured_forward, output_grads
 from .losses import per_sample_loss
 from .plan import StatsPlan, fallback
@@ -35,20 +36,18 @@ def _tolerance(dtype: torch.dtype) -> float:
 
 
 def _signature(plan: StatsPlan, inputs) -> tuple:
-    shape = tuple(inputs.shape[1:]) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
-    dtype = str(inputs.dtype) if isinstance(inputs, torch.Tensor) else ""
-    return shape, dtype, tuple((name, id(f.module), tuple(sorted(keys))) for name, (f, keys) in plan.native.items())
+    layout = tuple((tuple(t.shape[1:]), str(t.dtype)) for t in leaves(inputs))
+    return layout, tuple((name, id(f.module), tuple(sorted(keys))) for name, (f, keys) in plan.native.items())
 
 
 def _probe(model: nn.Module, plan: StatsPlan, inputs, targets, loss_fn) -> dict[str, str] | None:
     """{module name: why its formulas disagree with autograd} on the first samples, or
     None when those samples give no verdict (non-finite values: the pass that follows
     reports them)."""
-    k = min(PROBE_SAMPLES, len(inputs))
-    x = inputs[:k]
-    y = targets[:k] if isinstance(targets, torch.Tensor) else targets
+    k = min(PROBE_SAMPLES, num_samples(inputs))
+    x, y = take(inputs, 0, k), take(targets, 0, k)
     with captured_forward(plan) as cap:
-        losses = per_sample_loss(loss_fn, model(x), y, k)
+        losses = per_sample_loss(loss_fn, call(model, x), y, k)
     if not bool(losses.detach().isfinite().all()):
         return None
     calls = output_grads(losses.sum(), cap.calls) if cap.calls else {}
