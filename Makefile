@@ -9,7 +9,7 @@ TORCH_INCLUDES = $(shell $(PY) -c "from torch.utils.cpp_extension import include
 
 .PHONY: demo test bench bench-gpu build cuda-check clean
 
-# The criteria comparison on digits (about a minute here): table, CSV, JSON and plots in build/demo.
+# The criteria comparison on digits (about 30 s here once built): table, CSV, JSON and plots in build/demo.
 demo: $(VENV)/.built
 	$(PY) -m fastprune bench --seeds 0,1,2 --finetune-epochs 2 --out build/demo
 

@@ -80,3 +80,19 @@ def test_woodfisher_mlpnet_preset_reproduces_published_one_shot(tmp_path, capsys
     assert "woodfisherblock  at 95%: published 84.18 %, here" in text
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert all(float(r["time_inverse_s"]) > 0 for r in rows)
+
+
+def test_fisher_criteria_use_the_sample_budget(monkeypatch, tmp_path):
+    from fastprune.bench import harness
+    seen = []
+    real = harness.C.QM.score_step
+
+    def spy(self, step):
+        seen.append(self.max_samples)
+        return real(self, step)
+    monkeypatch.setattr(harness.C.QM, "score_step", spy)
+    assert cli.main(["bench", "--criteria", "qm", "--sparsities", "0.5", "--steps", "1", "--epochs", "1",
+                     "--fisher-samples", "100", "--quiet", "--out", str(tmp_path)]) == 0
+    assert seen == [100]
+    with pytest.raises(ValueError, match="fisher_samples"):
+        harness.BenchConfig(fisher_samples=-1)

@@ -60,6 +60,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--seeds", default="0")
     b.add_argument("--num-grads", type=int, default=512, help="WoodFisher gradients per step")
     b.add_argument("--damp", type=float, default=1e-4, help="WoodFisher dampening")
+    b.add_argument("--fisher-samples", type=int, default=1024,
+                   help="samples behind each step's Fisher diagonal and gradient (Taylor, QM, OBD); 0: the whole "
+                        "training set")
     b.add_argument("--checkpoint", help="state_dict (or the WoodFisher MLPNet checkpoint) of the dense model")
     b.add_argument("--out", default="results", help="output folder")
     b.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -217,7 +220,8 @@ def bench(args, argv) -> int:
     config = harness.BenchConfig(criteria=[c for c in args.criteria.split(",") if c],
                                  sparsities=_floats(args.sparsities), steps=_ints(args.steps),
                                  seeds=_ints(args.seeds), finetune_epochs=args.finetune_epochs,
-                                 num_grads=args.num_grads, damp=args.damp)
+                                 num_grads=args.num_grads, damp=args.damp,
+                                 fisher_samples=args.fisher_samples or None)
     x_tr, y_tr, x_te, y_te = load_data(args)
     dense, origin = dense_model(args, x_tr, y_tr)
     device = torch.device(args.device)

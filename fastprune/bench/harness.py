@@ -25,9 +25,9 @@ CRITERIA = {
     "magnitude": (lambda cfg, seed: C.Magnitude(), "global"),
     "random": (lambda cfg, seed: C.Random(seed=seed), "layer"),
     "erk": (lambda cfg, seed: C.Random(seed=seed, distribution="erk"), "global"),
-    "taylor": (lambda cfg, seed: C.Taylor(), "global"),
-    "qm": (lambda cfg, seed: C.QM(fisher="true"), "global"),
-    "obd": (lambda cfg, seed: C.OBD(fisher="true"), "global"),
+    "taylor": (lambda cfg, seed: C.Taylor(max_samples=cfg.fisher_samples), "global"),
+    "qm": (lambda cfg, seed: C.QM(fisher="true", max_samples=cfg.fisher_samples), "global"),
+    "obd": (lambda cfg, seed: C.OBD(fisher="true", max_samples=cfg.fisher_samples), "global"),
     "woodfisher": (lambda cfg, seed: C.WoodFisher(block_size=None, num_grads=cfg.num_grads, damp=cfg.damp), "global"),
     "snip": (lambda cfg, seed: C.SNIP(), "global"),
 }
@@ -43,6 +43,10 @@ class BenchConfig:
     batch_size: int = 256
     num_grads: int = 512
     damp: float = 1e-4
+    # Samples behind each step's Fisher diagonal and gradient (Taylor, QM, OBD), drawn
+    # afresh from the shuffled training set: the budget of WoodFisher's num_grads, not the
+    # whole set (a 60k-sample true Fisher is ten backward passes over MNIST per step).
+    fisher_samples: int | None = 1024
 
     def __post_init__(self):
         unknown = [c for c in self.criteria if c not in CRITERIA]
@@ -53,6 +57,9 @@ class BenchConfig:
             raise ValueError(f"sparsities must be fractions in [0, 1), got {bad}")
         if any(s < 1 for s in self.steps) or self.finetune_epochs < 0:
             raise ValueError("steps must be >= 1 and finetune_epochs >= 0")
+        if self.fisher_samples is not None and self.fisher_samples < 1:
+            raise ValueError(f"fisher_samples must be >= 1 (or None for the whole training set), got "
+                             f"{self.fisher_samples}")
 
 
 def flops(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
