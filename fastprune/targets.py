@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -11,6 +12,8 @@ from torch.nn.utils import parametrize
 from .masks import get_mask, refresh_masked, trainable, uses_of
 
 __all__ = ["Target", "DEFAULT_PRUNABLE", "find_targets", "select_modules", "has_weight"]
+
+_warned: set[tuple[str, ...]] = set()
 
 #: Module types whose ``weight`` is pruned by default (biases and norms are not).
 DEFAULT_PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -112,6 +115,13 @@ def find_targets(model: nn.Module, modules: Iterable[str | type] | str | type | 
     """
     if modules is None:
         selected = [n for n, m in model.named_modules() if isinstance(m, DEFAULT_PRUNABLE) and has_weight(m)]
+        attention = tuple(n for n, m in model.named_modules()
+                          if isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None)
+        if attention and attention not in _warned:
+            _warned.add(attention)
+            warnings.warn(f"fastprune: nn.MultiheadAttention {list(attention)} keep their in_proj_weight (the joint "
+                          "q/k/v projection) dense: it is a parameter of the attention module, not a Linear; only "
+                          "out_proj is pruned", stacklevel=3)
         hidden = [f"{type(m).__name__} {n!r}" for n, m in model.named_modules()
                   if isinstance(m, DEFAULT_PRUNABLE) and not has_weight(m) and _derived_weight(m)]
         if hidden:

@@ -506,3 +506,26 @@ def test_tuple_inputs_and_unsplittable_inputs():
     bag.add_module("bag", nn.EmbeddingBag(10, 4, mode="sum"))
     with pytest.raises(ValueError, match="EmbeddingBag's \\(ids, offsets\\)"):
         fastprune.fisher_diag(bag, [((torch.arange(7), torch.tensor([0, 3])), torch.tensor([0, 1]))], progress=False)
+
+
+def test_attention_in_proj_is_left_dense_with_a_warning(monkeypatch):
+    monkeypatch.setattr("fastprune.targets._warned", set())  # warned once per process otherwise
+    model = Encoder(batch_first=True)
+    with pytest.warns(UserWarning, match=r"\['layer.self_attn'\] keep their in_proj_weight"):
+        masks = fastprune.prune(model, Magnitude(), 0.5, progress=False)
+    assert "layer.self_attn.out_proj.weight" in masks and not hasattr(model.layer.self_attn, "in_proj_weight_orig")
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-2), (torch.bfloat16, 6e-2)])
+def test_16_bit_statistics_match_float64(dtype, tol):
+    torch.manual_seed(0)
+    ref_model = BatchSecond().double()
+    ids, y = torch.randint(0, 13, (12, 5)), torch.randint(0, 3, (12,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = fastprune.fisher_diag(ref_model, [(ids, y)], progress=False)
+        low = fastprune.fisher_diag(copy.deepcopy(ref_model).to(dtype), [(ids, y)], progress=False)
+    for k in ref:
+        assert low[k].dtype == torch.float32
+        err = float((low[k].double() - ref[k]).abs().max() / ref[k].abs().max())
+        assert err < tol, (k, err)
