@@ -127,19 +127,40 @@ class BatchSecond(nn.Module):
         return self.head(h.mean(0))
 
 
-def test_layers_fed_time_first_get_right_statistics():
+def test_layers_fed_time_first_keep_their_exact_formulas():
+    from fastprune.stats import plan as plan_module
     model = BatchSecond().double()
     ids, y = torch.randint(0, 13, (9, 5)), torch.randint(0, 3, (9,))
-    with pytest.warns(UserWarning, match="not the samples"):
-        fastprune.fisher_diag(model, [(ids, y)], progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback: the (T, N, ...) layers are found and transposed
+        fastprune.fisher_diag(model, [(ids, y)], strict=True, progress=False)
+    plan = plan_module.plan_stats(model)
+    from fastprune.stats.verify import verify_plan
+    verify_plan(model, plan, ids, y, ce)
+    assert plan.sample_dims == {"emb": 1, "fc": 1, "norm": 1} and not plan.fallback
     assert_diag(model, ids, y)
 
 
-def test_layers_fed_time_first_under_strict_raise():
-    model = BatchSecond().double()
+class Merged(nn.Module):
+    """A Linear over (N * T, D): its samples share dim 0 with the positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):  # x (N, T, 4)
+        n, t, d = x.shape
+        return self.head(torch.tanh(self.fc(x.reshape(n * t, d))).reshape(n, t, d).mean(1))
+
+
+def test_layers_whose_samples_merge_with_positions_fall_back():
+    model = Merged().double()
+    x, y = torch.randn(9, 3, 4, dtype=torch.float64), torch.randint(0, 3, (9,))
+    with pytest.warns(UserWarning, match="Linear 'fc'.*cannot apply"):
+        fastprune.fisher_diag(model, [(x, y)], progress=False)
     with pytest.raises(ValueError, match="cannot apply"):
-        fastprune.fisher_diag(model, [(torch.randint(0, 13, (4, 5)), torch.randint(0, 3, (4,)))], strict=True,
-                              progress=False)
+        fastprune.fisher_diag(Merged().double(), [(x, y)], strict=True, progress=False)
+    assert_diag(model, x, y)
 
 
 class Encoder(nn.Module):

@@ -51,14 +51,19 @@ class captured_forward:
             h.remove()
 
 
-def output_grads(total: torch.Tensor, calls: dict[str, list[list[torch.Tensor]]]) -> dict[str, list]:
-    """d total / d output of every captured call, as {module: [(input, output_grad), ...]}."""
+def output_grads(total: torch.Tensor, calls: dict[str, list[list[torch.Tensor]]],
+                 sample_dims: dict[str, int] | None = None) -> dict[str, list]:
+    """d total / d output of every captured call, as {module: [(input, output_grad), ...]},
+    the samples moved to dim 0 for the modules of ``sample_dims`` (a (T, N, ...) layer)."""
+    sample_dims = sample_dims or {}
     flat = [(name, i) for name, cs in calls.items() for i in range(len(cs))]
     grads = torch.autograd.grad(total, [calls[n][i][1] for n, i in flat], retain_graph=True, allow_unused=True)
     out: dict[str, list] = defaultdict(list)
     for (name, i), g in zip(flat, grads):
         inp, o = calls[name][i]
-        out[name].append((inp, torch.zeros_like(o) if g is None else g))
+        g = torch.zeros_like(o) if g is None else g
+        d = sample_dims.get(name)
+        out[name].append((inp, g) if d is None else (inp.movedim(d, 0), g.movedim(d, 0)))
     return out
 
 
@@ -109,5 +114,5 @@ def run_passes(model, plan, inputs, loss_fn, make_passes):
         outputs = call(model, inputs)
     for t, w, tag in make_passes(outputs):
         total = (per_sample_loss(loss_fn, outputs, t, n) * w).sum()
-        calls = output_grads(total, cap.calls) if cap.calls else {}
+        calls = output_grads(total, cap.calls, plan.sample_dims) if cap.calls else {}
         yield tag, calls, fallback_per_sample(model, plan, inputs, t, w, loss_fn)

@@ -51,6 +51,10 @@ class PerSampleFormula:
 
     #: parameters (local names) this formula covers
     handles: tuple[str, ...] = ()
+    #: trailing feature dims of the output; the formula treats every dim before them as
+    #: positions, so the samples may sit in any of those (moved to dim 0 first). None:
+    #: the samples must be dim 0 (convolutions, BatchNorm).
+    feature_dims: int | None = None
 
     def __init__(self, module: nn.Module):
         self.module = module
@@ -121,6 +125,7 @@ def weight_per_sample(formula: PerSampleFormula, calls) -> torch.Tensor:
 
 class LinearFormula(PerSampleFormula):
     handles = ("weight", "bias")
+    feature_dims = 1
 
     def grouped(self, calls, s0, s1):
         m = self.module
@@ -207,6 +212,10 @@ class ConvFormula(PerSampleFormula):
 class LayerNormFormula(PerSampleFormula):
     handles = ("weight", "bias")
 
+    @property
+    def feature_dims(self):
+        return len(self.module.normalized_shape)
+
     def per_sample(self, calls):
         m = self.module
         n, size = calls[0][0].shape[0], m.normalized_shape
@@ -240,6 +249,7 @@ class EmbeddingFormula(PerSampleFormula):
     """Per-sample gradient rows are sums of output gradients over equal token ids."""
 
     handles = ("weight",)
+    feature_dims = 1
 
     def sums(self, calls, names):
         m = self.module

@@ -30,6 +30,7 @@ class StatsPlan:
     masks: dict[str, torch.Tensor] = field(default_factory=dict)  # key -> keep-mask of pruned tensors
     params: dict[str, torch.Tensor] = field(default_factory=dict)  # key -> trainable parameter
     verified: bool = False  # the formulas were checked against autograd (stats.verify)
+    sample_dims: dict[str, int] = field(default_factory=dict)  # module -> dim of its samples, where not 0
 
     @property
     def keys(self) -> list[str]:

@@ -5,10 +5,13 @@ own forward produced its output. A layer fed ``(T, N, ...)`` (``batch_first=Fals
 attention blocks), a layer whose weight its parent reads directly
 (``nn.MultiheadAttention.out_proj``) or one whose samples mix would get wrong
 statistics with nothing to show for it. So on the first samples of the first batch,
-the formulas' sums of g_n and g_n**2 are compared with one autograd backward per
-sample; a module that disagrees moves to the torch.func fallback, with a warning
-that names it. The verdict is cached per model, input shape and plan, so repeated
-calls pay for the probe once.
+one autograd backward per sample finds where each layer's samples are (the dim
+along which sample n's loss reaches index n alone): dim 0, another dim (a (T, N, ...)
+layer, whose formula then runs on its samples moved to dim 0), or none (merged with
+other positions, or mixed). Then the formulas' sums of g_n and g_n**2 are compared
+with autograd's; a module without a sample dim or that disagrees moves to the
+torch.func fallback, with a warning that names it. The verdict is cached per model,
+input shape and plan, so repeated calls pay for the probe once.
 """
 from __future__ import annotations
 
@@ -40,10 +43,10 @@ def _signature(plan: StatsPlan, inputs) -> tuple:
     return layout, tuple((name, id(f.module), tuple(sorted(keys))) for name, (f, keys) in plan.native.items())
 
 
-def _probe(model: nn.Module, plan: StatsPlan, inputs, targets, loss_fn) -> dict[str, str] | None:
-    """{module name: why its formulas disagree with autograd} on the first samples, or
-    None when those samples give no verdict (non-finite values: the pass that follows
-    reports them)."""
+def _probe(model: nn.Module, plan: StatsPlan, inputs, targets, loss_fn) -> tuple[dict[str, str], dict[str, int]] | None:
+    """({module name: why its formulas disagree with autograd}, {module name: the dim of
+    its samples, where not 0}) on the first samples, or None when those samples give no
+    verdict (non-finite values: the pass that follows reports them)."""
     k = min(PROBE_SAMPLES, num_samples(inputs))
     x, y = take(inputs, 0, k), take(targets, 0, k)
     with captured_forward(plan) as cap:
@@ -58,6 +61,9 @@ def _probe(model: nn.Module, plan: StatsPlan, inputs, targets, loss_fn) -> dict[
     ref_g = [0.0] * len(params)
     ref_q = [0.0] * len(params)
     bad: dict[str, str] = {}
+    # Where each module's samples are: for every call and sample n, the dims of size k
+    # along which sample n's loss reaches index n alone.
+    dims: dict[str, set[int]] = {}
     for n in range(k):
         grads = torch.autograd.grad(losses[n], params + [out for _, out in outputs], retain_graph=True,
                                     allow_unused=True, materialize_grads=True)
@@ -66,16 +72,27 @@ def _probe(model: nn.Module, plan: StatsPlan, inputs, targets, loss_fn) -> dict[
         for i, g in enumerate(grads[: len(params)]):
             g = g.detach().to(_ops.acc_dtype(g.dtype))
             ref_g[i], ref_q[i] = ref_g[i] + g, ref_q[i] + g * g
-        # Sample n's loss may only reach row n of each output: anything else means the
-        # layer's dim 0 is not the samples (or the samples mix), whatever the values say.
         for (name, out), g in zip(outputs, grads[len(params):]):
-            if out.shape[0] != k or bool(g[:n].any()) or bool(g[n + 1:].any()):
-                bad.setdefault(name, "its exact per-sample formula cannot apply: dim 0 of its output is not the "
-                                     "samples (a (T, N, ...) input, as batch_first=False code gives) or the "
-                                     "samples mix")
+            here = {d for d in range(g.dim()) if g.shape[d] == k and not bool(g.narrow(d, 0, n).any())
+                    and not bool(g.narrow(d, n + 1, k - n - 1).any())}
+            dims[name] = here if name not in dims else dims[name] & here
+    bad: dict[str, str] = {}
+    for name, (formula, _) in plan.native.items():
+        found = sorted(dims.get(name, {0}))
+        features = formula.feature_dims
+        if found and found[0] == 0:
+            continue
+        movable = [d for d in found if features is not None and d < cap.calls[name][0][1].dim() - features]
+        if movable:  # a (T, N, ...) layer: the formula runs on its samples moved to dim 0
+            plan.sample_dims[name] = movable[0]
+            continue
+        bad[name] = ("its exact per-sample formula cannot apply: no dim of its output holds the samples alone "
+                     "(they mix, or are merged with other positions)")
+    if plan.sample_dims:
+        calls = output_grads(losses.sum(), cap.calls, plan.sample_dims)
     i = 0
     for name, (formula, locals_) in plan.native.items():
-        sums = formula.sums(calls[name], set(locals_)) if name in calls else {}
+        sums = formula.sums(calls[name], set(locals_)) if name in calls and name not in bad else {}
         for local, key in keys[name]:
             g, q = sums.get(local, (torch.zeros_like(ref_g[i]), torch.zeros_like(ref_q[i])))
             mask = plan.masks.get(key)
@@ -87,10 +104,10 @@ def _probe(model: nn.Module, plan: StatsPlan, inputs, targets, loss_fn) -> dict[
             tol = _tolerance(plan.params[key].dtype)
             if err_g > tol * scale + 1e-30 or err_q > tol * scale * scale + 1e-30:
                 why = "no call of its own forward was seen: its parent reads its weight directly" \
-                    if name not in calls else "its input is not batch-first or mixes the samples"
+                    if name not in calls else "its samples mix"
                 bad.setdefault(name, f"its exact per-sample formula disagrees with autograd ({why})")
             i += 1
-    return bad
+    return bad, {name: d for name, d in plan.sample_dims.items() if name not in bad}
 
 
 def verify_plan(model: nn.Module, plan: StatsPlan, inputs, targets, loss_fn, strict: bool = False) -> None:
@@ -105,9 +122,11 @@ def verify_plan(model: nn.Module, plan: StatsPlan, inputs, targets, loss_fn, str
     if verdict is None:
         verdict = _probe(model, plan, inputs, targets, loss_fn)
         if verdict is None:
+            plan.sample_dims.clear()
             return  # no verdict from these samples: the next batch tries again
         verdicts[sig] = verdict
-    for name, why in verdict.items():
+    bad, plan.sample_dims = verdict[0], dict(verdict[1])
+    for name, why in bad.items():
         formula, locals_ = plan.native.pop(name)
         for local in sorted(locals_):
             key = f"{name}.{local}" if name else local
