@@ -1,7 +1,7 @@
 """``fastprune.prune``: one entry point for every criterion, scope and schedule."""
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -157,7 +157,8 @@ class Pruner:
             raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
         if criterion.requires_data and data is None:
             raise ValueError(f"{criterion!r} needs data: pass data=... (batches of (inputs, targets)) and loss_fn")
-        if criterion.requires_data and steps > 1 and iter(data) is data:
+        # Not iter(data): starting a DataLoader's iterator draws from its generator.
+        if criterion.requires_data and steps > 1 and isinstance(data, Iterator):
             raise ValueError(f"data is a one-shot iterator ({type(data).__name__}), but {steps} steps each read it "
                              "afresh; pass something re-iterable: a list of batches or a DataLoader")
         self.model, self.criterion, self.sparsity = model, criterion, float(sparsity)

@@ -550,3 +550,14 @@ def test_16_bit_statistics_match_float64(dtype, tol):
         assert low[k].dtype == torch.float32
         err = float((low[k].double() - ref[k]).abs().max() / ref[k].abs().max())
         assert err < tol, (k, err)
+
+
+def test_building_a_pruner_does_not_draw_from_the_loaders_generator(mlp):
+    # Starting a DataLoader's iterator draws a seed from its generator: a check that did so
+    # would change which samples every later step sees.
+    gen = torch.Generator().manual_seed(0)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 20), torch.randint(0, 4, (16,))),
+                                         batch_size=8, shuffle=True, generator=gen)
+    before = gen.get_state()
+    fastprune.Pruner(mlp, QM(), 0.5, data=loader, steps=3)
+    assert torch.equal(gen.get_state(), before)
