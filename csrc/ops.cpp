@@ -61,6 +61,14 @@ TORCH_LIBRARY(fastprune, m) {
   // Gradient of the stored values of W for the output gradient dy (B, O, M), or (N, O) with x (N, K).
   m.def("sparse_mm_values_grad(Tensor row_ptr, Tensor col_idx, Tensor values, Tensor x, Tensor dy) -> Tensor");
 
+  // SparseGPT's column sweep over a row-major weight (rows, cols) with the upper Cholesky
+  // factor of the damped inverse layer Hessian (see layer_obs.h): prunes each column block
+  // (unstructured when prune_m is 0, else prune_n of every prune_m columns per row), moves
+  // the remaining weights by the OBS updates. Returns (weight, keep mask, per-row sum of
+  // (w - q)^2 / [H^-1]_jj over the pruned weights).
+  m.def("sparsegpt_sweep(Tensor weight, Tensor hinv_upper, int block_size, float sparsity, int prune_n, "
+        "int prune_m) -> (Tensor, Tensor, Tensor)");
+
   // Frees the host buffers the statistics ops keep for reuse (see buffer_cache.h);
   // returns the bytes released.
   m.def("empty_cache() -> int");

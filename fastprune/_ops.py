@@ -17,7 +17,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
     ) from exc
 
 __all__ = ["acc_dtype", "kth_smallest", "grad_sq", "sum_sq", "empty_cache", "per_sample_grads", "grad_blocks_accumulate", "fisher_inverse",
-           "lowrank_factor", "masked_sgd_", "masked_adam_", "sparse_mm", "sparse_mm_values_grad", "has_cuda_kernels"]
+           "lowrank_factor", "sparsegpt_sweep", "masked_sgd_", "masked_adam_", "sparse_mm", "sparse_mm_values_grad", "has_cuda_kernels"]
 
 
 @torch.library.register_fake("fastprune::kth_smallest")
@@ -63,6 +63,11 @@ def _fisher_inverse_fake(blocks, damp):
 @torch.library.register_fake("fastprune::lowrank_factor")
 def _lowrank_factor_fake(grads, damp):
     return grads.new_empty(grads.shape, dtype=acc_dtype(grads.dtype))
+
+
+@torch.library.register_fake("fastprune::sparsegpt_sweep")
+def _sparsegpt_sweep_fake(weight, hinv_upper, block_size, sparsity, prune_n, prune_m):
+    return torch.empty_like(weight), torch.empty_like(weight, dtype=torch.bool), weight.new_empty(weight.shape[0])
 
 
 @torch.library.register_fake("fastprune::sparse_mm")
@@ -137,6 +142,17 @@ def lowrank_factor(grads: torch.Tensor, damp: float) -> torch.Tensor:
     """W (num_blocks, N, B) with (damp I + G_b^T G_b / N)^-1 = (I - W_b^T W_b) / damp for
     gradients ``grads`` (num_blocks, N, B); exact, never forms a B x B matrix."""
     return torch.ops.fastprune.lowrank_factor(grads, float(damp))
+
+
+def sparsegpt_sweep(weight: torch.Tensor, hinv_upper: torch.Tensor, block_size: int = 128, sparsity: float = 0.0,
+                    prune_n: int = 0, prune_m: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SparseGPT's column sweep of ``weight`` (rows, cols) with ``hinv_upper``, the upper
+    Cholesky factor of the damped inverse layer Hessian: unstructured at ``sparsity``
+    per column block when ``prune_m`` is 0, else ``prune_n`` pruned of every ``prune_m``
+    columns of each row. Returns the updated weight (pruned entries 0), the keep mask and
+    each row's sum of (w - q)^2 / [H^-1]_jj; float32 or float64."""
+    return torch.ops.fastprune.sparsegpt_sweep(weight, hinv_upper, int(block_size), float(sparsity), int(prune_n),
+                                               int(prune_m))
 
 
 def masked_sgd_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: torch.Tensor | None,

@@ -191,3 +191,16 @@ def test_to_sparse_on_gpu(dtype):
     assert xg.grad is not None and xg.grad.isfinite().all()
     with torch.no_grad():
         close(ref, to_dense(sparse)(x), dtype)
+
+
+@pytest.mark.parametrize("args", [(16, 0.5, 0, 0), (16, 0.0, 2, 4), (8, 0.0, 4, 8), (128, 0.7, 0, 0)])
+def test_sparsegpt_sweep_on_gpu(args):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 48, generator=gen, dtype=torch.float64)
+    h = 2 / 300 * x.T @ x + 0.01 * torch.eye(48, dtype=torch.float64)
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    w = torch.randn(37, 48, generator=gen, dtype=torch.float64)
+    (w_cpu, keep_cpu, loss_cpu), (w_gpu, keep_gpu, loss_gpu) = on_both(_ops.sparsegpt_sweep, w, u, *args)
+    assert torch.equal(keep_cpu, keep_gpu)
+    close(w_cpu, w_gpu, torch.float64)
+    close(loss_cpu, loss_gpu, torch.float64)

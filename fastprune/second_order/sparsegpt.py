@@ -1,0 +1,119 @@
+"""Layer-wise OBS from calibration data: SparseGPT (Frantar & Alistarh, 2023) on one
+Linear layer's input Hessian H = 2/n sum_i x_i x_i^T.
+
+For a layer y = W x the reconstruction error ||W X - W' X||^2 is a quadratic in each
+row of W' with Hessian H, so pruning a row is an OBS problem on H. SparseGPT sweeps
+the columns left to right with the upper Cholesky factor U of H^-1: pruning column j
+costs (w_j - q_j)^2 / U_jj^2 and moves the columns to its right by the OBS update,
+which is exact for the columns not yet processed. The sweep itself is the
+``sparsegpt_sweep`` op (C++/CUDA); this module builds H, damps it and factors it.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .. import _ops
+from ..errors import check_finite
+from ..select import parse_pattern
+from ..validate import integer, real
+
+__all__ = ["LayerHessian", "sparsegpt_prune"]
+
+
+class LayerHessian:
+    """H = 2/n sum_i x_i x_i^T over every input row of a layer (the last dim is the
+    features; all others are positions), accumulated in ``dtype`` (float32 by default,
+    float64 for a reference)."""
+
+    def __init__(self, columns: int, device=None, dtype: torch.dtype = torch.float32):
+        self.columns = integer(columns, "columns", 1)
+        self.hessian = torch.zeros(columns, columns, device=device, dtype=dtype)
+        self.rows = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Adds the rows of ``x`` (..., columns)."""
+        if x.shape[-1] != self.columns:
+            raise ValueError(f"inputs have {x.shape[-1]} features, the Hessian {self.columns}")
+        x = x.reshape(-1, self.columns).to(self.hessian.dtype)
+        m = len(x)
+        if m == 0:
+            return
+        # A running mean: H stays on the scale of one input row, whatever n grows to.
+        total = self.rows + m
+        self.hessian.addmm_(x.T, x, beta=self.rows / total, alpha=2.0 / total)
+        self.rows = total
+
+
+def _inverse_factor(hessian: torch.Tensor, percdamp: float, tries: int = 4) -> tuple[torch.Tensor, float]:
+    """U with U^T U = (H + damp I)^-1, damp = percdamp * mean(diag H); a factorisation
+    that fails is retried with ten times the damping (returned, so the caller can say so)."""
+    damp = percdamp
+    mean_diag = float(hessian.diagonal().mean())
+    for _ in range(tries):
+        h = hessian.clone()
+        h.diagonal().add_(damp * mean_diag)
+        factor, info = torch.linalg.cholesky_ex(h)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(factor)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if int(info) == 0:
+                return upper, damp
+        damp *= 10
+    raise RuntimeError(f"the layer Hessian is not positive definite even with percdamp={damp / 10:g}; the "
+                       "calibration inputs may be degenerate (all zero, or NaN-free but tiny): use more or other "
+                       "calibration data")
+
+
+def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float = 0.5, pattern: str | None = None,
+                    block_size: int = 128, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Prunes ``weight`` (rows, cols) of a layer with input Hessian ``hessian`` (cols, cols).
+
+    Args:
+        sparsity: fraction pruned, unstructured within each column block (the paper's
+            adaptive mask selection); ignored with ``pattern``.
+        pattern: ``"N:M"`` keeps N of every M consecutive weights of each row (2:4, 4:8).
+        block_size: columns per block (the lazy-update width, 128 in the paper).
+        percdamp: damping, as a fraction of the mean diagonal of H (0.01 in the paper);
+            raised tenfold, up to three times, if H + damp I is not positive definite.
+
+    Returns:
+        ``(new_weight, keep_mask, info)``: the weight with pruned entries 0 and the rest
+        updated, in the weight's dtype; the bool keep mask; ``info`` with ``loss`` (the
+        reconstruction error sum of the sweep, 1/2 sum (w - q)^2 / [H^-1]_jj),
+        ``percdamp`` (the damping used) and ``dead`` (columns whose inputs were all zero:
+        their weights are pruned, as in the reference).
+    """
+    if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
+        raise ValueError(f"weight must be (rows, cols) and hessian (cols, cols); got {tuple(weight.shape)} and "
+                         f"{tuple(hessian.shape)}")
+    block_size = integer(block_size, "block_size", 1)
+    percdamp = real(percdamp, "percdamp", 0, low_open=True)
+    prune_n = prune_m = 0
+    if pattern is not None:
+        keep_n, prune_m = parse_pattern(pattern)
+        prune_n = prune_m - keep_n
+        if weight.shape[1] % prune_m:
+            raise ValueError(f"pattern {pattern!r} needs the {weight.shape[1]} input features to be a multiple of "
+                             f"{prune_m}")
+        block_size = max(prune_m, block_size - block_size % prune_m)
+        sparsity = 0.0
+    else:
+        sparsity = real(sparsity, "sparsity", 0, 1, high_open=True)
+    acc = _ops.acc_dtype(weight.dtype)
+    h = hessian.to(acc, copy=True)
+    check_finite([("hessian", h)], "non-finite layer Hessian", "check the calibration activations for overflow")
+    dead = h.diagonal() == 0
+    w = weight.detach().to(acc, copy=True)
+    if bool(dead.any()):
+        h[dead, dead] = 1.0  # an input that is always 0: its weights do nothing and go first
+        w[:, dead] = 0.0
+    upper, used = _inverse_factor(h, percdamp)
+    if used != percdamp:
+        warnings.warn(f"fastprune: the layer Hessian needed percdamp={used:g} (asked {percdamp:g}) to be positive "
+                      "definite", stacklevel=2)
+    new, keep, losses = _ops.sparsegpt_sweep(w, upper, block_size, sparsity, prune_n, prune_m)
+    keep &= ~dead.unsqueeze(0)
+    info = {"loss": float(losses.sum()) / 2, "percdamp": used, "dead": int(dead.sum())}
+    return (new * keep).to(weight.dtype), keep, info
