@@ -56,6 +56,7 @@ def main(bench_json, memory_md=None, *extra_md):
         ("fisher-inverse", "fastprune", "Blocked inverse Fisher, d = 65536, diag(F^-1) of every block", ""),
         ("masked-step", "fastprune", "Masked optimizer step, 10 M parameters at 90 % sparsity", ""),
         ("sparse-linear", "fastprune", "Sparse Linear forward, float32", ""),
+        ("sparsegpt-sweep", "fastprune", "SparseGPT column sweep (block 128) vs the same algorithm in torch ops", ""),
     ]
     for prefix, baseline, title, unit in sections:
         for group in sorted(g for g in groups if g.startswith(prefix)):
