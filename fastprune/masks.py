@@ -17,7 +17,26 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 __all__ = ["apply_masks", "get_mask", "pruned_names", "unmasked_name", "remove_masks", "load_pruned_state_dict",
-           "split_param_name", "refresh_masked", "refresh_masks", "trainable", "uses_of", "unprune", "check_binary"]
+           "split_param_name", "refresh_masked", "trainable", "MaskedWeight", "masked_value", "uses_of", "unprune", "check_binary"]
+
+
+class MaskedWeight(torch.Tensor):
+    """The masked weight ``orig * mask`` the pruning hook sets before each forward. In
+    every op it is a plain tensor (no torch-function override), but it deep-copies as
+    its value: right after a forward with autograd on it is part of the graph, which
+    ``copy.deepcopy`` refuses for a plain tensor (as it does with torch's own pruning)."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def __deepcopy__(self, memo):
+        out = self.detach().clone().as_subclass(MaskedWeight)
+        memo[id(self)] = out
+        return out
+
+
+def masked_value(module: nn.Module, name: str) -> torch.Tensor:
+    """``<name>_orig * <name>_mask`` of ``module``, as the attribute the hook sets."""
+    return (getattr(module, name + "_orig") * getattr(module, name + "_mask")).as_subclass(MaskedWeight)
 
 
 class FastpruneMask(torch_prune.BasePruningMethod):
@@ -28,6 +47,9 @@ class FastpruneMask(torch_prune.BasePruningMethod):
     def compute_mask(self, t, default_mask):
         # Masks are decided by fastprune.prune; re-applying keeps the stored one.
         return default_mask
+
+    def apply_mask(self, module):
+        return masked_value(module, self._tensor_name)
 
 
 def split_param_name(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -104,7 +126,7 @@ def _refresh_children(parent: nn.Module, args) -> None:
 def refresh_masked(module: nn.Module, name: str) -> None:
     """Recomputes ``module.<name> = <name>_orig * <name>_mask`` now, as torch's pruning
     hook does before each forward (the attribute is stale after in-place changes)."""
-    setattr(module, name, getattr(module, name + "_orig") * getattr(module, name + "_mask"))
+    setattr(module, name, masked_value(module, name))
 
 
 def _apply_one(uses: list[tuple[nn.Module, str]], mask: torch.Tensor, bypass: dict[int, nn.Module]) -> None:
@@ -216,17 +238,6 @@ def _check_loadable(model: nn.Module, state_dict: Mapping[str, torch.Tensor], ma
              for k, v in state_dict.items() if k in expected and tuple(v.shape) != expected[k]]
     if wrong:
         raise ValueError(f"shapes differ, so nothing was loaded: {'; '.join(wrong)}")
-
-
-def refresh_masks(model: nn.Module) -> nn.Module:
-    """Recomputes every masked weight outside autograd. After a forward with gradients
-    on, ``module.weight`` is part of the graph, which ``copy.deepcopy`` refuses (torch's
-    own pruning behaves the same); call this first, e.g. before copying a model for EMA."""
-    with torch.no_grad():
-        for module in model.modules():
-            for name in pruned_names(module):
-                refresh_masked(module, name)
-    return model
 
 
 def load_pruned_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
