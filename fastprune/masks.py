@@ -162,6 +162,9 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Modul
     get their mask replaced in place; others are reparametrised as torch does. All
     keys and shapes are checked before anything changes.
     """
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"masks must be a mapping {{name: mask}} keyed like named_parameters(), got "
+                        f"{type(masks).__name__}")
     resolved = []
     for name, mask in masks.items():
         module, tensor_name = split_param_name(model, name)
@@ -248,6 +251,8 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
     shapes and masks are checked first: a state dict that does not fit raises and
     leaves the model as it was.
     """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping, as model.state_dict() returns, got {type(state_dict).__name__}")
     masks = {k[: -len("_mask")]: v for k, v in state_dict.items()
              if k.endswith("_mask") and k[: -len("_mask")] + "_orig" in state_dict}
     _check_loadable(model, state_dict, masks, strict)

@@ -15,6 +15,7 @@ from .masks import apply_masks, check_binary, unprune
 from .sparse.frozen import FrozenPattern
 from .select import keep_counts, nm_masks, parse_pattern, threshold_masks
 from .targets import Target, find_targets
+from . import validate
 from .validate import integer, real
 
 __all__ = ["prune", "Pruner", "geometric_schedule", "Snapshot"]
@@ -138,6 +139,7 @@ class Pruner:
                  loss_fn=None, scope: str = "global", steps: int | None = None,
                  modules: Iterable[str | type] | str | type | None = None, min_keep: int | float = 1,
                  pattern: str | None = None, process_group=None):
+        validate.module(model)
         if not isinstance(criterion, Criterion):
             raise TypeError(f"criterion must be a fastprune.criteria.Criterion, got {type(criterion).__name__}")
         sparsity = real(sparsity, "sparsity", 0, 1, high_open=True, hint=" (0.9 prunes 90% of the weights)")
@@ -157,6 +159,8 @@ class Pruner:
             raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
         if criterion.requires_data and data is None:
             raise ValueError(f"{criterion!r} needs data: pass data=... (batches of (inputs, targets)) and loss_fn")
+        if criterion.requires_data:
+            validate.batches(data)
         # Not iter(data): starting a DataLoader's iterator draws from its generator.
         if criterion.requires_data and steps > 1 and isinstance(data, Iterator):
             raise ValueError(f"data is a one-shot iterator ({type(data).__name__}), but {steps} steps each read it "

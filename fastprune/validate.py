@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["integer", "real"]
+__all__ = ["integer", "real", "module", "batches", "optional_integer"]
 
 
 def integer(value, name: str, low: int | None = None, high: int | None = None, hint: str = "") -> int:
@@ -40,3 +40,25 @@ def _range(low, high, left: str, right: str) -> str:
     if low is None:
         return f" {'<' if right == ')' else '<='} {high}"
     return f" in {left}{low}, {high}{right}"
+
+
+def optional_integer(value, name: str, low: int | None = None, hint: str = "") -> int | None:
+    """None, or ``value`` as an int >= ``low``."""
+    return None if value is None else integer(value, name, low, hint=hint)
+
+
+def module(value, name: str = "model"):
+    """``value``, which must be an ``nn.Module``."""
+    from torch import nn
+    if not isinstance(value, nn.Module):
+        raise TypeError(f"{name} must be a torch.nn.Module, got {type(value).__name__}")
+    return value
+
+
+def batches(value, name: str = "data"):
+    """``value``, which must be an iterable of batches (a DataLoader, a list of pairs)."""
+    from collections.abc import Iterable
+    if value is None or not isinstance(value, Iterable) or hasattr(value, "shape"):
+        raise TypeError(f"{name} must be an iterable of (inputs, targets) batches (a DataLoader, or a list of "
+                        f"pairs), got {type(value).__name__}")
+    return value

@@ -566,3 +566,26 @@ def test_building_a_pruner_does_not_draw_from_the_loaders_generator(mlp):
     before = gen.get_state()
     fastprune.Pruner(mlp, QM(), 0.5, data=loader, steps=3)
     assert torch.equal(gen.get_state(), before)
+
+
+_DATA = [(torch.randn(8, 20), torch.randint(0, 4, (8,)))]
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda m: fastprune.fisher_diag(m, _DATA, max_samples=1.5, progress=False), ValueError, "max_samples"),
+    (lambda m: fastprune.fisher_diag(m, _DATA, seed="a", progress=False), ValueError, "seed must be an integer"),
+    (lambda m: fastprune.fisher_diag(m, None, progress=False), TypeError, "data must be an iterable"),
+    (lambda m: fastprune.fisher_diag(None, _DATA, progress=False), TypeError, "model must be a torch.nn.Module"),
+    (lambda m: fastprune.FisherBlocks(m, 4, max_memory="x"), ValueError, "max_memory"),
+    (lambda m: fastprune.prune(None, Magnitude(), 0.5, progress=False), TypeError, "model must be"),
+    (lambda m: fastprune.prune(m, QM(), 0.5, data=torch.randn(8, 20), progress=False), TypeError, "iterable"),
+    (lambda m: QM(max_samples=0), ValueError, "max_samples must be an integer >= 1"),
+    (lambda m: WoodFisher(max_memory=-1), ValueError, "max_memory"),
+    (lambda m: fastprune.apply_masks(m, [torch.ones(30, 20)]), TypeError, "mapping"),
+    (lambda m: fastprune.load_pruned_state_dict(m, None), TypeError, "mapping"),
+])
+def test_entry_points_name_the_bad_argument(mlp, call, error, match):
+    before = _state(mlp)
+    with pytest.raises(error, match=match):
+        call(mlp)
+    assert _same(mlp, before)

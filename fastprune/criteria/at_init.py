@@ -90,6 +90,10 @@ class SynFlow(Criterion):
     default_steps = 100
 
     def __init__(self, input_shape: tuple[int, ...] | None = None):
+        if isinstance(input_shape, int):
+            input_shape = (input_shape,)
+        if input_shape is not None and not all(isinstance(d, int) and d > 0 for d in input_shape):
+            raise ValueError(f"input_shape must be one sample's shape, e.g. (3, 32, 32), got {input_shape!r}")
         self.input_shape = None if input_shape is None else tuple(input_shape)
 
     def scores(self, model, params, data=None, loss_fn=None):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..stats.fisher import fisher_diag
 from ..stats.losses import FISHER_KINDS
-from ..validate import real
+from ..validate import optional_integer, real
 from .base import Criterion
 
 __all__ = ["LossModel", "Taylor", "QM", "OBD"]
@@ -46,7 +46,8 @@ class LossModel(Criterion):
         if order == 1 and not gradient:
             raise ValueError("order=1 without the gradient term models no loss change; use order=2 (OBD)")
         self.order, self.fisher, self.lam, self.gradient = order, fisher, float(lam), gradient
-        self.max_samples, self.progress = max_samples, progress
+        self.max_samples = optional_integer(max_samples, "max_samples", 1)
+        self.progress = progress
 
     def score_step(self, step):
         modules = [t.name.rpartition(".")[0] for t in step.targets]

@@ -15,6 +15,7 @@ from ..memory import check_budget
 from ..second_order.inverse import FisherInverse, check_damp
 from ..second_order.obs import obs_scores, obs_update
 from ..stats.blocks import PerSampleGradients, accumulate_blocks
+from .. import validate
 from ..validate import integer
 from .base import Criterion
 
@@ -82,7 +83,7 @@ class WoodFisher(Criterion):
         self.damp = check_damp(damp)
         self.update = update
         self.fisher_mini_batch = _positive_int(fisher_mini_batch, "fisher_mini_batch")
-        self.max_memory = max_memory
+        self.max_memory = validate.optional_integer(max_memory, "max_memory", 0, hint=" (bytes)")
         self.shard_blocks = bool(shard_blocks)
         self._stream: SampleStream | None = None
         self._stream_state: dict | None = None  # from load_state_dict, applied once data is seen

@@ -14,6 +14,7 @@ from ..errors import check_finite
 from ..memory import check_budget
 from ..profiling import phase
 from ..targets import find_targets
+from .. import validate
 from ..validate import integer
 from .capture import run_passes
 from .formulas import UNFOLD_BYTES, weight_per_sample
@@ -82,7 +83,9 @@ class FisherBlocks:
 
     def __init__(self, model: nn.Module, block_size: int, modules=None, bn: str = "raise", strict: bool = False,
                  process_group=None, max_memory: int | None = None):
+        validate.module(model)
         block_size = integer(block_size, "block_size", 1)
+        validate.optional_integer(max_memory, "max_memory", 0, hint=" (bytes)")
         self.model, self.block_size, self.bn, self._strict = model, block_size, bn, strict
         check_batchnorm(model, bn)
         self._targets = {t.name: t for t in find_targets(model, modules)}
@@ -211,6 +214,8 @@ def per_sample_gradients(model: nn.Module, inputs: torch.Tensor, targets, loss_f
     The result holds N x (weights) values (times the world size when gathered);
     ``max_memory`` (bytes, default half the free memory) is checked before any work.
     """
+    validate.module(model)
+    validate.optional_integer(max_memory, "max_memory", 0, hint=" (bytes)")
     group = resolve_group(process_group)
     n = total = num_samples(inputs)
     device = next(leaves(inputs)).device

@@ -11,6 +11,7 @@ from ..distributed import all_reduce_sum, resolve_group
 from ..errors import check_finite
 from ..memory import check_budget
 from ..profiling import timed
+from .. import validate
 from ..validate import integer
 from .capture import run_passes
 from .plan import batchnorm_eval, plan_stats
@@ -72,6 +73,11 @@ def fisher_diag(model: nn.Module, data, loss_fn=None, *, fisher: str = "empirica
         ``return_grad``, ``(diag, grad)``. Entries of pruned weights are zero.
     """
     _check_fisher(fisher, mc_samples)
+    validate.module(model)
+    validate.batches(data)
+    max_samples = validate.optional_integer(max_samples, "max_samples", 1)
+    seed = validate.integer(seed, "seed")
+    validate.optional_integer(max_memory, "max_memory", 0, hint=" (bytes)")
     fn, loss_name = resolve_loss(loss_fn)
     plan = plan_stats(model, modules, strict)
     gen = torch.Generator(device=model_device(model)).manual_seed(seed)
