@@ -12,6 +12,8 @@ section is skipped.
   dense masked layer (cuBLAS), 4096x4096, float16 and bfloat16.
 * The unstructured sparse_mm kernel (SparseLinear) against dense cuBLAS, 4096x4096,
   float32 and float16, over a sparsity grid: speedups and the break-even sparsity.
+* SparseGPT's column sweep (sparsegpt_sweep) against the same algorithm in torch ops
+  on the same device, 4096x4096, 50 % and 2:4.
 """
 import argparse
 import datetime
@@ -32,6 +34,7 @@ from fastprune.bench.reference import resnet20  # noqa: E402
 from fastprune.sparse import SemiStructuredLinear, SparseLinear  # noqa: E402
 from models import cnn  # noqa: E402
 from test_bench_fisher import fastprune_diag, plain_step, torch_func  # noqa: E402
+from test_bench_sweep import torch_sweep  # noqa: E402
 
 
 def median_ms(fn, device, repeats, warmup=3):
@@ -140,6 +143,24 @@ def break_even_section(device, quick):
         print("| break-even | " + " | ".join(even) + " |\n")
 
 
+def sweep_section(device, quick):
+    size = 256 if quick else 4096
+    print(f"## {device.type.upper()}: SparseGPT column sweep vs the same algorithm in torch ops, {size}x{size}\n")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2 * size, size, generator=gen) / size ** 0.5
+    h = 2 / len(x) * x.T @ x
+    h.diagonal().add_(0.01 * float(h.diagonal().mean()))
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).to(device)
+    w = torch.randn(size, size, generator=gen).to(device)
+    print("| pattern | fastprune (ms) | torch ops (ms) | speedup |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, args in (("50 %", (128, 0.5, 0, 0)), ("2:4", (128, 0.0, 2, 4))):
+        fast = median_ms(lambda: fastprune._ops.sparsegpt_sweep(w, u, *args), device, 3, warmup=1)
+        slow = median_ms(lambda: torch_sweep(w, u, *args), device, 1, warmup=0)
+        print(f"| {name} | {fast:.1f} | {slow:.1f} | {slow / fast:.2f}x |")
+    print()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, also on CPU")
@@ -153,6 +174,7 @@ def main():
     fisher_section(device, args.quick)
     two_four_section(device, args.quick)
     break_even_section(device, args.quick)
+    sweep_section(device, args.quick)
 
 
 if __name__ == "__main__":

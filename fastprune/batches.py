@@ -6,9 +6,8 @@ import torch
 
 from .rng import get_rng_state, set_rng_state
 
-__all__ = ["model_device", "split_batch", "num_samples", "take", "join", "move", "leaves", "call", "call_args", "with_sample_dim",
-           "iterate_batches",
-           "SampleStream"]
+__all__ = ["model_device", "split_batch", "num_samples", "take", "join", "move", "leaves", "call", "call_args",
+           "with_sample_dim", "iterate_batches", "SampleStream"]
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
