@@ -3,11 +3,12 @@ drawing a fixed number of samples from a DataLoader, step after step."""
 from __future__ import annotations
 
 import torch
+from torch.nn.utils.rnn import PackedSequence, pack_sequence, unpack_sequence
 
 from .rng import get_rng_state, set_rng_state
 
 __all__ = ["model_device", "split_batch", "num_samples", "take", "join", "move", "leaves", "call", "call_args",
-           "with_sample_dim", "iterate_batches", "SampleStream"]
+           "with_sample_dim", "splittable", "has_packed", "iterate_batches", "SampleStream"]
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -39,10 +40,17 @@ def split_batch(batch) -> tuple[object, object]:
                      "model keyword arguments with a 'labels' entry")
 
 
+def _packed(x) -> bool:
+    return isinstance(x, PackedSequence)
+
+
 def leaves(inputs):
-    """Every tensor in ``inputs`` (a tensor, or tuples, lists and dicts of them)."""
+    """Every tensor in ``inputs`` (a tensor, a PackedSequence's data, or tuples, lists and
+    dicts of them)."""
     if isinstance(inputs, torch.Tensor):
         yield inputs
+    elif _packed(inputs):
+        yield inputs.data
     elif isinstance(inputs, dict):
         for v in inputs.values():
             yield from leaves(v)
@@ -51,9 +59,70 @@ def leaves(inputs):
             yield from leaves(v)
 
 
+def _sizes(inputs) -> set:
+    """The sample count each part of ``inputs`` has (None for a 0-d tensor)."""
+    if _packed(inputs):
+        return {int(inputs.batch_sizes[0])}
+    if isinstance(inputs, torch.Tensor):
+        return {len(inputs) if inputs.dim() else None}
+    parts = inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, (tuple, list)) else ()
+    return set().union(*(_sizes(p) for p in parts))
+
+
+def num_samples(inputs, targets=None) -> int:
+    """Samples in ``inputs``: the length of its tensors (of a PackedSequence: its
+    sequences). Inputs whose parts disagree (EmbeddingBag's ``(ids, offsets)``) count
+    the targets."""
+    sizes = _sizes(inputs)
+    if len(sizes) == 1 and None not in sizes:
+        return sizes.pop()
+    if isinstance(targets, torch.Tensor) and targets.dim() >= 1:
+        return len(targets)
+    raise ValueError(f"fastprune takes the samples from dim 0 of every input tensor, but these inputs have "
+                     f"{sorted(str(s) for s in sizes) or type(inputs).__name__} there, and no targets tensor says "
+                     "how many samples there are")
+
+
+def has_packed(inputs) -> bool:
+    """Whether ``inputs`` holds a PackedSequence."""
+    if _packed(inputs):
+        return True
+    parts = inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, (tuple, list)) else ()
+    return any(has_packed(p) for p in parts)
+
+
+def splittable(inputs) -> bool:
+    """Whether ``inputs`` can be cut into samples (every part has the same sample count)."""
+    sizes = _sizes(inputs)
+    return len(sizes) == 1 and None not in sizes
+
+
+def take(inputs, s0: int, s1: int):
+    """Samples [s0, s1) of ``inputs`` (every tensor sliced along dim 0)."""
+    if not splittable(inputs):
+        raise ValueError("these inputs cannot be cut into samples: their tensors do not share their first dim "
+                         "(EmbeddingBag's (ids, offsets)); this path needs one row per sample in every input, so "
+                         "pass the bags as a 2-D (N, L) tensor, padded with padding_idx")
+    return _take(inputs, s0, s1)
+
+
+def _take(inputs, s0, s1):
+    if _packed(inputs):
+        return pack_sequence(unpack_sequence(inputs)[s0:s1], enforce_sorted=False)
+    if isinstance(inputs, torch.Tensor):
+        return inputs[s0:s1]
+    if isinstance(inputs, dict):
+        return {k: _take(v, s0, s1) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_take(v, s0, s1) for v in inputs)
+    return inputs
+
+
 def _map(fn, inputs):
     if isinstance(inputs, torch.Tensor):
         return fn(inputs)
+    if _packed(inputs):
+        return inputs
     if isinstance(inputs, dict):
         return {k: _map(fn, v) for k, v in inputs.items()}
     if isinstance(inputs, (tuple, list)):
@@ -61,25 +130,11 @@ def _map(fn, inputs):
     return inputs
 
 
-def num_samples(inputs) -> int:
-    """Samples in ``inputs``: the length of its tensors (all must agree)."""
-    sizes = {len(t) if t.dim() else None for t in leaves(inputs)}
-    if len(sizes) != 1 or None in sizes:
-        kinds = type(inputs).__name__ if not sizes else sorted(str(s) for s in sizes)
-        raise ValueError(f"fastprune takes the samples from dim 0 of every input tensor, but these inputs have "
-                         f"{kinds} there; inputs whose tensors do not share their first dim (EmbeddingBag's "
-                         "(ids, offsets), a PackedSequence) must be padded to a tensor per sample first")
-    return sizes.pop()
-
-
-def take(inputs, s0: int, s1: int):
-    """Samples [s0, s1) of ``inputs`` (every tensor sliced along dim 0)."""
-    return _map(lambda t: t[s0:s1], inputs)
-
-
 def join(parts: list):
     """The samples of several ``inputs`` (of one structure) in one."""
     first = parts[0]
+    if _packed(first):
+        return pack_sequence([s for p in parts for s in unpack_sequence(p)], enforce_sorted=False)
     if isinstance(first, torch.Tensor):
         return torch.cat(parts)
     if isinstance(first, dict):
@@ -91,14 +146,20 @@ def join(parts: list):
 
 def move(inputs, device: torch.device):
     """``inputs`` with every tensor on ``device``."""
-    return _map(lambda t: t.to(device), inputs)
+    if _packed(inputs):
+        return inputs.to(device)
+    if isinstance(inputs, dict):
+        return {k: move(v, device) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(move(v, device) for v in inputs)
+    return inputs.to(device) if isinstance(inputs, torch.Tensor) else inputs
 
 
 def call_args(inputs) -> tuple[tuple, dict]:
     """``(args, kwargs)`` with which the model takes ``inputs`` (see :func:`split_batch`)."""
     if isinstance(inputs, dict):
         return (), inputs
-    if isinstance(inputs, (tuple, list)):
+    if isinstance(inputs, (tuple, list)) and not _packed(inputs):
         return tuple(inputs), {}
     return (inputs,), {}
 
@@ -119,7 +180,7 @@ def iterate_batches(data, device: torch.device, max_samples: int | None):
     seen = 0
     for batch in data:
         x, y = split_batch(batch)
-        n = num_samples(x)
+        n = num_samples(x, y)
         if max_samples is not None:
             if seen >= max_samples:
                 return
@@ -165,7 +226,7 @@ class SampleStream:
             self._it = None
             return None
         batch = split_batch(batch)
-        self._samples_this_pass += num_samples(batch[0])
+        self._samples_this_pass += num_samples(*batch)
         return batch
 
     def _replay(self, state: dict) -> None:
@@ -204,7 +265,7 @@ class SampleStream:
         xs, ys, got = [], [], 0
         while got < n:
             x, y = self._next_batch()
-            size = num_samples(x)
+            size = num_samples(x, y)
             if size == 0:
                 continue
             k = min(n - got, size)

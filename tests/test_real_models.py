@@ -528,10 +528,8 @@ def test_tuple_inputs_and_unsplittable_inputs():
     ref = torch.stack([torch.autograd.grad(ce(model(x[n:n + 1], z[n:n + 1]), y[n:n + 1]).sum(), model.a.weight)[0]
                        for n in range(6)])
     torch.testing.assert_close(diag["a.weight"], ref.square().mean(0))
-    bag = nn.Sequential()
-    bag.add_module("bag", nn.EmbeddingBag(10, 4, mode="sum"))
-    with pytest.raises(ValueError, match="EmbeddingBag's \\(ids, offsets\\)"):
-        fastprune.fisher_diag(bag, [((torch.arange(7), torch.tensor([0, 3])), torch.tensor([0, 1]))], progress=False)
+    with pytest.raises(ValueError, match="cannot be cut into samples"):
+        fastprune.batches.take((torch.arange(7), torch.tensor([0, 3])), 0, 1)
 
 
 def test_attention_in_proj_is_left_dense_with_a_warning(monkeypatch):
@@ -589,3 +587,71 @@ def test_entry_points_name_the_bad_argument(mlp, call, error, match):
     with pytest.raises(error, match=match):
         call(mlp)
     assert _same(mlp, before)
+
+
+
+class Bags(nn.Module):
+    def __init__(self, mode, padding_idx=None):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(11, 4, mode=mode, padding_idx=padding_idx)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, ids, offsets=None, weights=None):
+        return self.head(torch.tanh(self.bag(ids, offsets, per_sample_weights=weights)))
+
+
+def _bag_reference(model, samples, y):
+    """Per-sample gradients from one (ids, offsets) bag at a time."""
+    rows = [torch.autograd.grad(ce(model(*s), y[n:n + 1]).sum(), list(model.parameters()))
+            for n, s in enumerate(samples)]
+    return {k: torch.stack([r[i] for r in rows]) for i, (k, _) in enumerate(model.named_parameters())}
+
+
+@pytest.mark.parametrize("mode,padding,weighted", [("sum", None, False), ("mean", None, False), ("mean", 0, False),
+                                                   ("sum", 0, True)])
+def test_embedding_bag_with_offsets(mode, padding, weighted):
+    model = Bags(mode, padding).double()
+    lengths = [3, 1, 4, 2, 5]
+    ids = torch.randint(0, 11, (sum(lengths),))
+    ids[2] = ids[0]  # a repeated token in one bag
+    offsets = torch.tensor([0, 3, 4, 8, 10])
+    weights = torch.rand(len(ids), dtype=torch.float64) if weighted else None
+    y = torch.randint(0, 3, (5,))
+    inputs = (ids, offsets) if weights is None else (ids, offsets, weights)
+    diag, grad = fastprune.fisher_diag(model, [(inputs, y)], return_grad=True, strict=True, progress=False)
+    bounds = offsets.tolist() + [len(ids)]
+    samples = [(ids[a:b], torch.tensor([0])) + (() if weights is None else (weights[a:b],))
+               for a, b in zip(bounds, bounds[1:])]
+    ref = _bag_reference(model, samples, y)
+    for k in ref:
+        torch.testing.assert_close(diag[k], ref[k].square().mean(0), rtol=1e-9, atol=1e-12, msg=k)
+        torch.testing.assert_close(grad[k], ref[k].mean(0), rtol=1e-9, atol=1e-12, msg=k)
+    two_d = torch.randint(0, 11, (5, 3))
+    diag2 = fastprune.fisher_diag(model, [(two_d, y)], strict=True, progress=False)
+    ref2 = _bag_reference(model, [(two_d[n:n + 1],) for n in range(5)], y)
+    torch.testing.assert_close(diag2["bag.weight"], ref2["bag.weight"].square().mean(0), rtol=1e-9, atol=1e-12)
+
+
+def test_packed_sequences():
+    from torch.nn.utils.rnn import pack_sequence
+
+    class Packed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = nn.GRU(3, 4), nn.Linear(4, 2)
+
+        def forward(self, packed):
+            return self.head(self.rnn(packed)[1][0])
+
+    model = Packed().double()
+    seqs = [torch.randn(t, 3, dtype=torch.float64) for t in (4, 2, 5, 3)]
+    y = torch.randint(0, 2, (4,))
+    packed = pack_sequence(seqs, enforce_sorted=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        diag = fastprune.fisher_diag(model, [(packed, y)], progress=False)
+    rows = [torch.autograd.grad(ce(model(pack_sequence([s])), y[n:n + 1]).sum(), list(model.parameters()))
+            for n, s in enumerate(seqs)]
+    for i, (k, _) in enumerate(model.named_parameters()):
+        torch.testing.assert_close(diag[k], torch.stack([r[i] for r in rows]).square().mean(0), rtol=1e-9,
+                                   atol=1e-12, msg=k)

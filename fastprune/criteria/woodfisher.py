@@ -133,9 +133,9 @@ class WoodFisher(Criterion):
         shard = shards.sharded
         # With torch.distributed every rank brings its own num_grads gradients: N is their total.
         n = self.num_grads * shards.world
-        if group is not None and num_samples(x) != self.num_grads * m:
+        if group is not None and num_samples(x, y) != self.num_grads * m:
             raise ValueError(f"with torch.distributed each rank needs num_grads * fisher_mini_batch = "
-                             f"{self.num_grads * m} samples, this rank's data gave {num_samples(x)}")
+                             f"{self.num_grads * m} samples, this rank's data gave {num_samples(x, y)}")
         chunk = self._chunk(sum(w.numel() for w in params.values()))
         alive = {k: None if a is None else shards.share(k, a).bool() for k, a in step.masks.items()}
         slots = {k: FisherInverse.slots(c1 - c0, self._block(params[k].numel()), alive[k], params[k].device)
@@ -145,7 +145,7 @@ class WoodFisher(Criterion):
         blocks: dict[str, torch.Tensor] = {}
         grad_sum: dict[str, torch.Tensor] = {}
         per_sample = PerSampleGradients(step.model, step.loss_fn, [t.name.rpartition(".")[0] for t in step.targets])
-        for s0 in range(0, num_samples(x), chunk):
+        for s0 in range(0, num_samples(x, y), chunk):
             ps = per_sample(take(x, s0, s0 + chunk), take(y, s0, s0 + chunk))
             ps = {k: ps[k] if m == 1 else ps[k].view(-1, m, ps[k].shape[1]).mean(1) for k in params}
             # Sharded: every rank's gradients, restricted to the columns of this rank's blocks.

@@ -46,11 +46,11 @@ def accumulate_blocks(blocks: torch.Tensor, grads: torch.Tensor, block_size: int
     blocks.baddbmm_(per_block.transpose(1, 2), per_block)
 
 
-def _empirical(y, inputs, plan):
-    """The one pass at the true labels ``y``, every sample weighted 1."""
+def _empirical(y, n: int, plan):
+    """The one pass at the true labels ``y``, each of the ``n`` samples weighted 1."""
     p = next(iter(plan.params.values()))
     dtype = p.dtype if p.is_floating_point() else torch.float32
-    return lambda outputs: iter([(y, torch.ones(num_samples(inputs), dtype=dtype, device=p.device), "grad")])
+    return lambda outputs: iter([(y, torch.ones(n, dtype=dtype, device=p.device), "grad")])
 
 
 class FisherBlocks:
@@ -131,7 +131,7 @@ class FisherBlocks:
         is added, so the sums stay usable; an empty batch adds nothing."""
         fn, _ = resolve_loss(loss_fn)
         check_batchnorm(self.model, self.bn)
-        n = num_samples(inputs)
+        n = num_samples(inputs, targets)
         if n == 0:
             return
         if self._synced:
@@ -142,7 +142,7 @@ class FisherBlocks:
                 self._count = 0
         with phase("stats"), batchnorm_eval(self.model, self.bn):
             verify_plan(self.model, self._plan, inputs, targets, fn, self._strict)
-            passes = run_passes(self.model, self._plan, inputs, fn, _empirical(targets, inputs, self._plan))
+            passes = run_passes(self.model, self._plan, inputs, fn, _empirical(targets, n, self._plan), n)
             for _, calls, fallback in passes:
                 # Per-sample gradients of finite inputs and output gradients are finite (short of
                 # overflow): checked before the sums take them in.
@@ -217,7 +217,7 @@ def per_sample_gradients(model: nn.Module, inputs: torch.Tensor, targets, loss_f
     validate.module(model)
     validate.optional_integer(max_memory, "max_memory", 0, hint=" (bytes)")
     group = resolve_group(process_group)
-    n = total = num_samples(inputs)
+    n = total = num_samples(inputs, targets)
     device = next(leaves(inputs)).device
     if group is not None:  # the same checks on every rank, before any rank allocates
         counts = torch.tensor([n], device=device)
@@ -250,16 +250,16 @@ class PerSampleGradients:
         self.plan = plan_stats(model, strict=strict, keys=self.keys, grouped_only=True)
 
     def __call__(self, inputs: torch.Tensor, targets) -> dict[str, torch.Tensor]:
-        plan, out = self.plan, {}
+        plan, out, n = self.plan, {}, num_samples(inputs, targets)
         with phase("stats"), batchnorm_eval(self.model, "raise"):
             verify_plan(self.model, plan, inputs, targets, self.loss_fn, self.strict)
-            passes = run_passes(self.model, plan, inputs, self.loss_fn, _empirical(targets, inputs, plan))
+            passes = run_passes(self.model, plan, inputs, self.loss_fn, _empirical(targets, n, plan), n)
             for _, calls, fallback in passes:
                 for mod_name, (formula, _) in plan.native.items():
                     if mod_name in calls:
                         key = f"{mod_name}.weight" if mod_name else "weight"
                         out[key] = weight_per_sample(formula, calls[mod_name])
-                out.update({k: v.reshape(num_samples(inputs), -1) for k, v in fallback.items()})
+                out.update({k: v.reshape(n, -1) for k, v in fallback.items()})
             check_finite(list(out.items()), "non-finite per-sample gradients", _NONFINITE_HINT, exact=False)
             for key in self.keys:
                 mask = plan.masks.get(key)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from ..batches import call, call_args, num_samples, take, with_sample_dim
+from ..batches import call, call_args, has_packed, num_samples, take, with_sample_dim
 from .losses import per_sample_loss
 from .plan import StatsPlan
 
@@ -31,19 +31,21 @@ class captured_forward:
         self.calls: dict[str, list[list[torch.Tensor]]] = defaultdict(list)
 
     def __enter__(self):
-        named = {name: formula.module for name, (formula, _) in self.plan.native.items()}
+        formulas = {name: formula for name, (formula, _) in self.plan.native.items()}
 
         def hook_for(name):
-            def hook(module, args, out):
+            capture = formulas[name].capture
+
+            def hook(module, args, kwargs, out):
                 if not (isinstance(out, torch.Tensor) and out.requires_grad):
                     return None
-                self.calls[name].append([args[0].detach(), out])
+                self.calls[name].append([capture(args, kwargs), out])
                 # Hand downstream layers a copy: an in-place op there (ReLU(inplace=True)) would
                 # otherwise rebase `out` in the graph and hide its gradient.
                 return out.clone()
             return hook
 
-        self.handles = [m.register_forward_hook(hook_for(n)) for n, m in named.items()]
+        self.handles = [f.module.register_forward_hook(hook_for(n), with_kwargs=True) for n, f in formulas.items()]
         return self
 
     def __exit__(self, *exc):
@@ -83,10 +85,18 @@ def fallback_per_sample(model: nn.Module, plan: StatsPlan, inputs: torch.Tensor,
         out = functional_call(model, state | params, args, kwargs)
         return (loss_fn(out, with_sample_dim(t)) * w).sum()
 
+    if has_packed(inputs):  # vmap would split a PackedSequence's fields, not its sequences
+        return _result(plan, _per_sample_loop(model, plan, inputs, targets, weight, loss_fn,
+                                              TypeError("a PackedSequence input")))
     try:
         ps = vmap(grad(loss_one), in_dims=(None, 0, 0, 0), randomness="different")(fb, inputs, targets, weight)
     except (RuntimeError, NotImplementedError) as exc:
         ps = _per_sample_loop(model, plan, inputs, targets, weight, loss_fn, exc)
+    return _result(plan, ps)
+
+
+def _result(plan: StatsPlan, ps: dict) -> dict[str, torch.Tensor]:
+    """The fallback's gradients keyed like the plan."""
     return {key: ps[actual] for key, actual in plan.fallback.items()}
 
 
@@ -99,17 +109,16 @@ def _per_sample_loop(model, plan, inputs, targets, weight, loss_fn, why: Excepti
                       f"per-sample gradients of {what} come from one backward per sample (slow)", stacklevel=4)
     params = [plan.params[k] for k in plan.fallback]
     rows = []
-    for n in range(num_samples(inputs)):
+    for n in range(num_samples(inputs, targets)):
         loss = (loss_fn(call(model, take(inputs, n, n + 1)), take(targets, n, n + 1)) * weight[n]).sum()
         rows.append([g.detach() for g in torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)])
     return {actual: torch.stack([r[i] for r in rows]) for i, actual in enumerate(plan.fallback.values())}
 
 
-def run_passes(model, plan, inputs, loss_fn, make_passes):
+def run_passes(model, plan, inputs, loss_fn, make_passes, n: int):
     """Forward once; ``make_passes(outputs)`` yields (targets, sqrt_weight, tag) and, for
     each, this yields (tag, captured calls with output gradients, fallback per-sample
     gradients)."""
-    n = num_samples(inputs)
     with captured_forward(plan) as cap:
         outputs = call(model, inputs)
     for t, w, tag in make_passes(outputs):

@@ -96,7 +96,7 @@ def fisher_diag(model: nn.Module, data, loss_fn=None, *, fisher: str = "empirica
         batches = iterate_batches(data, device, max_samples)
         # Not even a disabled bar when progress=False: constructing one costs ~15 us a call.
         for x, y in tqdm(batches, desc="fisher") if progress else batches:
-            n = num_samples(x)
+            n = num_samples(x, y)
             if n == 0:
                 continue
             verify_plan(model, plan, x, y, fn, strict)
@@ -108,7 +108,7 @@ def fisher_diag(model: nn.Module, data, loss_fn=None, *, fisher: str = "empirica
                 if return_grad and fisher != "empirical":  # the gradient at the true labels
                     yield y, torch.ones(n, dtype=dtype, device=device), "grad"
 
-            for tag, calls, fallback in run_passes(model, plan, x, fn, make_passes):
+            for tag, calls, fallback in run_passes(model, plan, x, fn, make_passes, n):
                 for key, (g, q) in _pass_sums(plan, calls, fallback):
                     if tag != "grad":
                         add(sq_sums, key, q)

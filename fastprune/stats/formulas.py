@@ -59,6 +59,11 @@ class PerSampleFormula:
     def __init__(self, module: nn.Module):
         self.module = module
 
+    @staticmethod
+    def capture(args: tuple, kwargs: dict):
+        """What the formula keeps of a call's arguments: the input."""
+        return args[0].detach()
+
     @property
     def has_weight_tiles(self) -> bool:
         """Whether the weight's per-sample gradients come in :meth:`weight_tiles`."""
@@ -269,9 +274,52 @@ class EmbeddingFormula(PerSampleFormula):
         return {"weight": (grad, sq)}
 
 
+class EmbeddingBagFormula(PerSampleFormula):
+    """nn.EmbeddingBag in mode 'sum' or 'mean': each bag is a sample, whose gradient row
+    for a token sums the bag's output gradient over the token's entries (times its
+    per_sample_weights, or over the bag's size for 'mean'); bags are (N, L) tensors or
+    1-D ids with offsets."""
+
+    handles = ("weight",)
+
+    @staticmethod
+    def capture(args, kwargs):
+        # (input, offsets, per_sample_weights), passed by position or by name.
+        named = ("input", "offsets", "per_sample_weights")
+        got = [args[i] if i < len(args) else kwargs.get(k) for i, k in enumerate(named)]
+        return tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in got)
+
+    def sums(self, calls, names):
+        m = self.module
+        vocab, dim = m.weight.shape
+        keys, rows = [], []
+        for (ids, offsets, weights), g in calls:
+            n, acc = g.shape[0], _ops.acc_dtype(g.dtype)
+            if ids.dim() == 2:
+                bag, flat = torch.arange(n, device=ids.device).repeat_interleave(ids.shape[1]), ids.flatten()
+            else:
+                starts = offsets[:-1] if m.include_last_offset else offsets
+                bag, flat = torch.bucketize(torch.arange(len(ids), device=ids.device), starts, right=True) - 1, ids
+            w = torch.ones(len(flat), dtype=acc, device=ids.device) if weights is None else weights.flatten().to(acc)
+            if m.padding_idx is not None:  # padding entries count neither in the sum nor in the mean
+                w = w.masked_fill(flat == m.padding_idx, 0)
+            if m.mode == "mean":
+                sizes = w.new_zeros(n).index_add_(0, bag, (w != 0).to(acc))
+                w = w / sizes[bag].clamp_min(1)
+            keys.append(bag * vocab + flat)
+            rows.append(g.to(acc)[bag] * w.unsqueeze(1))
+        key, dy = torch.cat(keys), torch.cat(rows)
+        unique, inverse = torch.unique(key, return_inverse=True)  # one row per (sample, token id)
+        per_row = dy.new_zeros(len(unique), dim).index_add_(0, inverse, dy)
+        token = unique % vocab
+        grad = dy.new_zeros(vocab, dim).index_add_(0, token, per_row)
+        sq = dy.new_zeros(vocab, dim).index_add_(0, token, per_row.square())
+        return {"weight": (grad, sq)}
+
+
 _FORMULAS = ((nn.Linear, LinearFormula), (nn.Conv1d, ConvFormula), (nn.Conv2d, ConvFormula),
              (nn.LayerNorm, LayerNormFormula), (nn.modules.batchnorm._BatchNorm, BatchNormFormula),
-             (nn.Embedding, EmbeddingFormula))
+             (nn.Embedding, EmbeddingFormula), (nn.EmbeddingBag, EmbeddingBagFormula))
 
 
 def formula_for(module: nn.Module) -> PerSampleFormula | None:
@@ -280,7 +328,9 @@ def formula_for(module: nn.Module) -> PerSampleFormula | None:
         if type(module) is kind or (kind is nn.modules.batchnorm._BatchNorm and isinstance(module, kind)):
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.track_running_stats:
                 return None
-            if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.sparse):
+            if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and (module.max_norm is not None or module.sparse):
+                return None
+            if isinstance(module, nn.EmbeddingBag) and module.mode not in ("sum", "mean"):
                 return None
             return formula(module)
     return None

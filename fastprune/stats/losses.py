@@ -135,7 +135,7 @@ def mean_batch_losses(model: nn.Module, names, data, loss_fn, num_batches: int, 
     for x, y in iterate_batches(data, model_device(model), None):
         if batches == num_batches:
             return
-        n = num_samples(x)
+        n = num_samples(x, y)
         if n == 0:  # an empty batch has no mean loss
             continue
         out = call(model, x)

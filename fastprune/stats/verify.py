@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .. import _ops
-from ..batches import leaves, call, num_samples, take
+from ..batches import call, leaves, num_samples, splittable, take
 from .capture import captured_forward, output_grads
 from .losses import per_sample_loss
 from .plan import StatsPlan, fallback
@@ -39,7 +39,8 @@ def _tolerance(dtype: torch.dtype) -> float:
 
 
 def _signature(plan: StatsPlan, inputs) -> tuple:
-    layout = tuple((tuple(t.shape[1:]), str(t.dtype)) for t in leaves(inputs))
+    # Unsplittable inputs change shape from batch to batch: their dtypes alone key the verdict.
+    layout = tuple((tuple(t.shape[1:]) if splittable(inputs) else (), str(t.dtype)) for t in leaves(inputs))
     return layout, tuple((name, id(f.module), tuple(sorted(keys))) for name, (f, keys) in plan.native.items())
 
 
@@ -47,8 +48,12 @@ def _probe(model: nn.Module, plan: StatsPlan, inputs, targets, loss_fn) -> tuple
     """({module name: why its formulas disagree with autograd}, {module name: the dim of
     its samples, where not 0}) on the first samples, or None when those samples give no
     verdict (non-finite values: the pass that follows reports them)."""
-    k = min(PROBE_SAMPLES, num_samples(inputs))
-    x, y = take(inputs, 0, k), take(targets, 0, k)
+    n = num_samples(inputs, targets)
+    if splittable(inputs):
+        k = min(PROBE_SAMPLES, n)
+        x, y = take(inputs, 0, k), take(targets, 0, k)
+    else:  # EmbeddingBag's (ids, offsets): the whole batch is the probe (once per model and dtypes)
+        k, x, y = n, inputs, targets
     with captured_forward(plan) as cap:
         losses = per_sample_loss(loss_fn, call(model, x), y, k)
     if not bool(losses.detach().isfinite().all()):
