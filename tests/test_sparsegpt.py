@@ -149,3 +149,26 @@ def test_sweep_opcheck():
     torch.library.opcheck(torch.ops.fastprune.sparsegpt_sweep.default, (torch.randn(3, 8, dtype=torch.float64), u, 4,
                                                                            0.5, 0, 0), test_utils=("test_schema",
                                                                                                    "test_faketensor"))
+
+
+def test_wanda_prunes_each_row_by_weight_times_input_norm():
+    from fastprune.second_order.sparsegpt import wanda_prune
+    x = torch.randn(64, 12, dtype=torch.float64) * torch.linspace(0.1, 3, 12, dtype=torch.float64)
+    acc = LayerHessian(12, dtype=torch.float64)
+    acc.add(x)
+    w = torch.randn(5, 12, dtype=torch.float64)
+    new, keep = wanda_prune(w, acc.hessian, 0.5)
+    norms = x.norm(dim=0)
+    for r in range(5):  # the transcription: the 6 lowest |w| * ||x|| of each row go
+        score = [float(w[r, j].abs() * norms[j]) for j in range(12)]
+        gone = sorted(range(12), key=lambda j: (score[j], j))[:6]
+        assert set(torch.nonzero(~keep[r]).flatten().tolist()) == set(gone)
+    assert torch.equal(new, w * keep)
+    _, keep24 = wanda_prune(w, acc.hessian, pattern="2:4")
+    assert bool((keep24.view(5, 3, 4).sum(2) == 2).all())
+    scores = (w.abs() * norms).view(5, 3, 4)
+    kept = scores.masked_fill(~keep24.view(5, 3, 4), float("inf")).amin(2)
+    dropped = scores.masked_fill(keep24.view(5, 3, 4), float("-inf")).amax(2)
+    assert bool((kept >= dropped).all())
+    with pytest.raises(ValueError, match="multiple of 8"):
+        wanda_prune(w, acc.hessian, pattern="4:8")

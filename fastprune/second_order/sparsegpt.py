@@ -1,4 +1,4 @@
-"""Layer-wise OBS from calibration data: SparseGPT (Frantar & Alistarh, 2023) on one
+"""Layer-wise pruning from calibration data: SparseGPT (Frantar & Alistarh, 2023) and Wanda on one
 Linear layer's input Hessian H = 2/n sum_i x_i x_i^T.
 
 For a layer y = W x the reconstruction error ||W X - W' X||^2 is a quadratic in each
@@ -19,7 +19,7 @@ from ..errors import check_finite
 from ..select import parse_pattern
 from ..validate import integer, real
 
-__all__ = ["LayerHessian", "sparsegpt_prune"]
+__all__ = ["LayerHessian", "sparsegpt_prune", "wanda_prune"]
 
 
 class LayerHessian:
@@ -117,3 +117,31 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     keep &= ~dead.unsqueeze(0)
     info = {"loss": float(losses.sum()) / 2, "percdamp": used, "dead": int(dead.sum())}
     return (new * keep).to(weight.dtype), keep, info
+
+
+def wanda_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float = 0.5, pattern: str | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wanda (Sun et al., 2024): score |W_ij| * ||x_j|| and prune each output row's lowest
+    ``sparsity`` fraction (or, with ``pattern="N:M"``, keep the N best of every M
+    consecutive inputs of each row); no weight update. ``||x_j||`` comes from the
+    diagonal of the same Hessian SparseGPT uses (H_jj = 2/n ||x_j||^2, so the ranking is
+    the same), so one calibration pass serves both. Returns ``(new_weight, keep_mask)``;
+    ties keep the lower index."""
+    if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
+        raise ValueError(f"weight must be (rows, cols) and hessian (cols, cols); got {tuple(weight.shape)} and "
+                         f"{tuple(hessian.shape)}")
+    score = weight.detach().abs().to(_ops.acc_dtype(weight.dtype)) * hessian.diagonal().clamp_min(0).sqrt()
+    check_finite([("score", score)], "non-finite Wanda scores", "check the calibration activations for overflow")
+    rows, cols = score.shape
+    if pattern is not None:
+        keep_n, m = parse_pattern(pattern)
+        if cols % m:
+            raise ValueError(f"pattern {pattern!r} needs the {cols} input features to be a multiple of {m}")
+        groups = score.reshape(rows, cols // m, m)
+        best = groups.argsort(dim=2, descending=True, stable=True)[..., :keep_n]
+        keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, best, True).view(rows, cols)
+    else:
+        prune = round(real(sparsity, "sparsity", 0, 1, high_open=True) * cols)
+        order = score.argsort(dim=1, stable=True)  # ascending: the first `prune` of each row go
+        keep = torch.ones_like(score, dtype=torch.bool).scatter_(1, order[:, :prune], False)
+    return weight.detach() * keep, keep
