@@ -69,6 +69,21 @@ def _check_scores(criterion: Criterion, scores, targets: list[Target]) -> list[t
     return [s.to(dtype) for s in out]
 
 
+def _check_chosen(criterion: Criterion, chosen, targets: list[Target]) -> dict[str, torch.Tensor]:
+    """The masks a criterion chose, checked: one bool mask per target, of its shape, that
+    keeps no weight pruned before."""
+    out = {}
+    for t in targets:
+        m = chosen.get(t.name) if isinstance(chosen, dict) else None
+        if not isinstance(m, torch.Tensor) or m.shape != t.shape:
+            raise ValueError(f"{criterion!r} chose no mask of shape {tuple(t.shape)} for {t.name!r}")
+        m = m.bool()
+        if t.mask is not None and bool((m & ~t.mask.bool()).any()):
+            raise ValueError(f"{criterion!r} chose a mask for {t.name!r} that keeps weights pruned before")
+        out[t.name] = m
+    return out
+
+
 def _check_weights(criterion: Criterion, weights, targets: list[Target]) -> None:
     for t in targets:
         w = weights.get(t.name) if isinstance(weights, dict) else None
@@ -159,7 +174,7 @@ class Pruner:
             raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
         if criterion.requires_data and data is None:
             raise ValueError(f"{criterion!r} needs data: pass data=... (batches of (inputs, targets)) and loss_fn")
-        if criterion.requires_data:
+        if criterion.requires_data and not (criterion.calibration and isinstance(data, torch.Tensor)):
             validate.batches(data)
         # Not iter(data): starting a DataLoader's iterator draws from its generator.
         if criterion.requires_data and steps > 1 and isinstance(data, Iterator):
@@ -220,15 +235,19 @@ class Pruner:
                             self.process_group)
         scores, context = criterion.score_step(state)
         scores = _check_scores(criterion, scores, targets)
-        alloc = criterion.allocation(current, step_sparsity)
-        amount = (step_sparsity if self.scope == "global" else [step_sparsity] * len(targets)) if alloc is None \
-            else [alloc[t.name] for t in targets]
-        if self.nm is None:
-            new = threshold_masks(scores, [t.mask for t in targets], self.keep, amount)
+        chosen = criterion.choose_masks(state, context, step_sparsity, self.nm)
+        if chosen is not None:
+            masks = _check_chosen(criterion, chosen, targets)
         else:
-            new = nm_masks(scores, [t.mask for t in targets], [t.name for t in targets], *self.nm)
+            alloc = criterion.allocation(current, step_sparsity)
+            amount = (step_sparsity if self.scope == "global" else [step_sparsity] * len(targets)) \
+                if alloc is None else [alloc[t.name] for t in targets]
+            if self.nm is None:
+                new = threshold_masks(scores, [t.mask for t in targets], self.keep, amount)
+            else:
+                new = nm_masks(scores, [t.mask for t in targets], [t.name for t in targets], *self.nm)
+            masks = {t.name: m for t, m in zip(targets, new)}
         del scores
-        masks = {t.name: m for t, m in zip(targets, new)}
         weights = criterion.compensate(state, masks, context)
         # Every rank applies rank 0's decision, so a DDP model stays identical whatever the
         # criterion computes per rank (ties, a user criterion's own statistics).

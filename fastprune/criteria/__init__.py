@@ -5,7 +5,8 @@ from .base import Criterion, PruningStep
 from .loss_model import OBD, QM, LossModel, Taylor
 from .magnitude import Magnitude
 from .random import Random, erk_densities
+from .layerwise import SparseGPT, Wanda
 from .woodfisher import WoodFisher, WoodTaylor
 
 __all__ = ["Criterion", "PruningStep", "Magnitude", "Random", "erk_densities", "LossModel", "Taylor", "QM", "OBD",
-           "WoodFisher", "WoodTaylor", "SNIP", "GraSP", "SynFlow"]
+           "WoodFisher", "WoodTaylor", "SparseGPT", "Wanda", "SNIP", "GraSP", "SynFlow"]

@@ -59,6 +59,8 @@ class Criterion:
     requires_data: bool = False
     #: Steps ``fastprune.prune`` takes when its ``steps`` is not given (SynFlow: 100).
     default_steps: int = 1
+    #: Whether ``data`` is calibration inputs only (a tensor of inputs is accepted too).
+    calibration: bool = False
 
     def scores(self, model: nn.Module, params: dict[str, torch.Tensor], data=None, loss_fn=None
                ) -> dict[str, torch.Tensor]:
@@ -82,6 +84,15 @@ class Criterion:
         them. ``context`` is what :meth:`score_step` returned for the same step;
         ``fastprune.prune`` writes the values together with the masks, so a failure
         here changes nothing."""
+        return None
+
+    def choose_masks(self, step: PruningStep, context, sparsity: float, pattern: tuple[int, int] | None
+                     ) -> dict[str, torch.Tensor] | None:
+        """Keep-masks the criterion picks itself, for criteria whose masks come out of their
+        own solver (layer-wise OBS picks them inside its sweep): ``sparsity`` is this step's
+        target for every tensor, ``pattern`` ``(N, M)`` or None. None (the default) lets
+        ``fastprune.prune`` threshold the scores; masks that keep an already-pruned weight
+        are refused."""
         return None
 
     def allocation(self, params: dict[str, torch.Tensor], sparsity: float) -> dict[str, float] | None:

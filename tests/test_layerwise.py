@@ -1,0 +1,115 @@
+"""SparseGPT and Wanda through fastprune.prune: calibration forms, masks and weights
+against the per-layer functions on independently gathered Hessians, and bad input."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastprune
+from fastprune.criteria import SparseGPT, Wanda
+from fastprune.second_order.sparsegpt import sparsegpt_prune, wanda_prune
+
+
+class TokenModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 16)
+        self.up, self.down, self.head = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 20)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids)
+        h = h + self.down(torch.relu(self.up(h)))
+        return self.head(h)
+
+
+def hessians_by_hand(model, batches):
+    """2/n X^T X of each Linear's inputs, gathered with plain hooks (float64)."""
+    xs = {n: [] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: xs[n].append(a[0].detach().reshape(-1, a[0].shape[-1])))
+             for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    for h in hooks:
+        h.remove()
+    out = {}
+    for n, parts in xs.items():
+        x = torch.cat(parts).double()
+        out[f"{n}.weight"] = 2 / len(x) * x.T @ x
+    return out
+
+
+@pytest.fixture
+def calib():
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 20, (4, 12), generator=gen) for _ in range(3)]
+
+
+@pytest.mark.parametrize("pattern", [None, "2:4"])
+def test_sparsegpt_through_prune_matches_the_layer_function(calib, pattern):
+    model = TokenModel().double()
+    ref = copy.deepcopy(model)
+    hs = hessians_by_hand(ref, calib)
+    sparsity = 0.5
+    masks = fastprune.prune(model, SparseGPT(block_size=8), sparsity, data=calib, pattern=pattern, progress=False)
+    for name, h in hs.items():
+        w = ref.get_submodule(name[:-7]).weight
+        want_w, want_keep, _ = sparsegpt_prune(w, h, sparsity, pattern, block_size=8)
+        assert torch.equal(masks[name], want_keep), name
+        torch.testing.assert_close(model.get_submodule(name[:-7]).weight, want_w, rtol=1e-9, atol=1e-12)
+        # The sweep reconstructs the layer's outputs better than dropping the same weights.
+        x = torch.linalg.cholesky(h + 1e-9 * torch.eye(len(h), dtype=h.dtype))
+        err = lambda v: float(((v - w) @ x).square().sum())  # noqa: E731
+        assert err(want_w) <= err(w * want_keep) + 1e-12
+    report = fastprune.sparsity_report(model, print_table=False)["global"]
+    assert report["sparsity"] == pytest.approx(0.5, abs=0.02)
+
+
+def test_wanda_through_prune_prunes_each_row(calib):
+    model = TokenModel().double()
+    hs = hessians_by_hand(copy.deepcopy(model), calib)
+    before = {n: model.get_submodule(n[:-7]).weight.detach().clone() for n in hs}
+    masks = fastprune.prune(model, Wanda(), 0.5, data=calib, progress=False)
+    for name, h in hs.items():
+        _, want = wanda_prune(before[name], h, 0.5)
+        assert torch.equal(masks[name], want)
+        assert bool(((~masks[name]).sum(1) == round(0.5 * masks[name].shape[1])).all())
+        assert torch.equal(model.get_submodule(name[:-7]).weight, before[name] * want)  # no update
+
+
+def test_calibration_forms(calib):
+    one_tensor = torch.cat(calib)
+    dicts = [{"input_ids": b, "attention_mask": torch.ones_like(b), "labels": b} for b in calib]
+    pairs = [(b, b) for b in calib]
+    results = []
+    for data in (one_tensor, dicts, pairs):
+        model = TokenModel().double()
+        torch.manual_seed(0)
+        results.append(fastprune.prune(model, Wanda(), 0.5, data=data, progress=False))
+    for other in results[1:]:
+        assert all(torch.equal(results[0][k], other[k]) for k in results[0])
+
+
+def test_layerwise_bad_input_changes_nothing(calib):
+    model = TokenModel().double()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="Linear layers"):
+        fastprune.prune(nn.Sequential(nn.Conv1d(3, 4, 2)), SparseGPT(), 0.5, data=[torch.randn(2, 3, 5)],
+                        progress=False)
+    with pytest.raises(fastprune.NonFiniteError):
+        bad = TokenModel().double()
+        bad.emb.weight.data[0] = float("nan")
+        fastprune.prune(bad, SparseGPT(), 0.5, data=[torch.zeros(2, 4, dtype=torch.long)], progress=False)
+    with pytest.raises(ValueError, match="never reached"):
+        fastprune.prune(model, SparseGPT(), 0.5, data=[], progress=False)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with pytest.warns(UserWarning, match="rank-deficient"):
+        fastprune.prune(model, SparseGPT(), 0.5, data=[torch.randint(0, 20, (1, 3))], progress=False)
+
+
+def test_tied_head_is_pruned_once(calib):
+    model = TokenModel().double()
+    model.head.weight = model.emb.weight
+    masks = fastprune.prune(model, SparseGPT(block_size=8), 0.5, data=calib, progress=False)
+    assert "head.weight" in masks and model.emb.weight_mask is model.head.weight_mask
