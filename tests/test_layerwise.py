@@ -113,3 +113,97 @@ def test_tied_head_is_pruned_once(calib):
     model.head.weight = model.emb.weight
     masks = fastprune.prune(model, SparseGPT(block_size=8), 0.5, data=calib, progress=False)
     assert "head.weight" in masks and model.emb.weight_mask is model.head.weight_mask
+
+
+class Block(nn.Module):
+    """A decoder-style block called with keyword arguments, as Hugging Face models call theirs."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.q, self.v, self.o = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.up, self.down = nn.Linear(d, 16), nn.Linear(16, d)
+
+    def forward(self, hidden, attention_mask=None, position_ids=None):
+        scale = 1.0 + 0.1 * position_ids.unsqueeze(-1)
+        att = torch.softmax((self.q(hidden) * scale) @ hidden.transpose(1, 2) + attention_mask, -1) @ self.v(hidden)
+        hidden = hidden + self.o(att)
+        return (hidden + self.down(torch.relu(self.up(hidden))),)
+
+
+class Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.layers = nn.ModuleList(Block() for _ in range(3))
+        self.head = nn.Linear(8, 20)
+
+    def forward(self, input_ids):
+        h = self.emb(input_ids)
+        mask = torch.zeros(h.shape[1], h.shape[1]).triu(1) * -1e9
+        pos = torch.arange(h.shape[1]).expand(h.shape[0], -1).to(h.dtype)
+        for layer in self.layers:
+            h = layer(h, attention_mask=mask.to(h.dtype), position_ids=pos)[0]
+        return self.head(h)
+
+
+def test_sequential_blocks_see_the_pruned_models_activations(calib):
+    model = Stack().double()
+    ref = copy.deepcopy(model)
+    dense_state = copy.deepcopy(model.state_dict())
+    block_linears = [f"layers.{i}.{n}" for i in range(3) for n in ("q", "v", "o", "up", "down")]
+    fastprune.prune(model, SparseGPT(block_size=8), 0.5, data=calib, modules=block_linears, progress=False)
+    # By hand: run each block on its inputs, prune its Linears from their Hessians, write
+    # them, and feed the pruned block's outputs on.
+    with torch.no_grad():
+        hs = [ref.emb(b) for b in calib]
+        for layer in ref.layers:
+            xs = {n: [] for n in ("q", "v", "o", "up", "down")}
+            hooks = [getattr(layer, n).register_forward_hook(
+                lambda mod, a, o, n=n: xs[n].append(a[0].reshape(-1, a[0].shape[-1]))) for n in xs]
+            kw = [dict(attention_mask=(torch.zeros(h.shape[1], h.shape[1]).triu(1) * -1e9).double(),
+                       position_ids=torch.arange(h.shape[1]).expand(h.shape[0], -1).double()) for h in hs]
+            for h, k in zip(hs, kw):
+                layer(h, **k)
+            for hook in hooks:
+                hook.remove()
+            for n, parts in xs.items():
+                x = torch.cat(parts)
+                lin = getattr(layer, n)
+                new, _, _ = sparsegpt_prune(lin.weight, 2 / len(x) * x.T @ x, 0.5, block_size=8)
+                lin.weight.copy_(new)
+            hs = [layer(h, **k)[0] for h, k in zip(hs, kw)]
+    for name in block_linears:
+        torch.testing.assert_close(model.get_submodule(name).weight.detach(), ref.get_submodule(name).weight.detach(),
+                                   rtol=1e-8, atol=1e-10, msg=name)
+    # One shot on the dense model's activations differs from block 2 on, agrees on block 1.
+    once = Stack().double()
+    once.load_state_dict(dense_state)
+    fastprune.prune(once, SparseGPT(block_size=8, sequential=False), 0.5, data=calib, modules=block_linears,
+                    progress=False)
+    assert torch.equal(once.layers[0].q.weight, model.layers[0].q.weight)
+    assert not torch.equal(once.layers[2].q.weight, model.layers[2].q.weight)
+
+
+def test_blocks_are_found_or_named():
+    from fastprune.criteria.layerwise import find_blocks
+    model = Stack()
+    assert find_blocks(model) is model.layers
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 2)
+    assert find_blocks(enc) is enc.layers
+    assert find_blocks(nn.Sequential(nn.Linear(2, 2))) is None
+    assert find_blocks(model, "layers") is model.layers
+    with pytest.raises(ValueError, match="blocks= must name"):
+        find_blocks(model, "head")
+
+
+def test_sequential_transformer_encoder(calib):
+    enc = nn.Sequential()
+    enc.add_module("emb", nn.Embedding(20, 8))
+    enc.add_module("body", nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True),
+                                                 2, enable_nested_tensor=False))
+    enc = enc.double().eval()
+    linears = [f"body.layers.{i}.{n}" for i in range(2) for n in ("linear1", "linear2")]
+    masks = fastprune.prune(enc, SparseGPT(block_size=8), 0.5, data=calib, modules=linears, progress=False)
+    assert set(masks) == set(f"{n}.weight" for n in linears)
+    with pytest.raises(ValueError, match="out_proj"):  # attention reads it without calling it
+        fastprune.prune(enc, Wanda(), 0.6, data=calib, modules=["body.layers.0.self_attn.out_proj"], progress=False)
