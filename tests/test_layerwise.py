@@ -207,3 +207,23 @@ def test_sequential_transformer_encoder(calib):
     assert set(masks) == set(f"{n}.weight" for n in linears)
     with pytest.raises(ValueError, match="out_proj"):  # attention reads it without calling it
         fastprune.prune(enc, Wanda(), 0.6, data=calib, modules=["body.layers.0.self_attn.out_proj"], progress=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_models_and_batch_second_layers(calib, dtype):
+    # Hessians accumulate in float32 whatever the activations; a (T, N, ...) layer's rows are
+    # rows all the same, since H sums over every position.
+    enc = nn.Sequential()
+    enc.add_module("emb", nn.Embedding(20, 8))
+    enc.add_module("body", nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0), 2,
+                                                 enable_nested_tensor=False))
+    enc = enc.to(dtype).eval()
+    linears = [f"body.layers.{i}.{n}" for i in range(2) for n in ("linear1", "linear2")]
+    seq_first = [b.t() for b in calib]  # (L, B): batch_first=False all the way through
+    masks = fastprune.prune(enc, SparseGPT(block_size=8), 0.5, data=seq_first, modules=linears, progress=False)
+    for name in linears:
+        w = enc.get_submodule(name).weight
+        assert w.dtype == dtype and bool(w.isfinite().all())
+        assert float((~masks[f"{name}.weight"]).float().mean()) == pytest.approx(0.5, abs=0.05)
+    with pytest.raises(ValueError, match="pairs"):
+        fastprune.prune(TokenModel(), Wanda(), 0.5, data=[(calib[0], calib[0], calib[0])], progress=False)

@@ -21,7 +21,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .._ops import acc_dtype
-from ..batches import call, model_device, move
+from ..batches import call, model_device, move, split_batch
 from ..memory import check_budget
 from ..second_order.sparsegpt import LayerHessian, sparsegpt_prune, wanda_prune
 from ..validate import integer, optional_integer, real
@@ -50,15 +50,16 @@ def find_blocks(model: nn.Module, blocks=None) -> nn.ModuleList | None:
 
 
 def _calibration_inputs(data):
-    """The model inputs of each calibration batch: a tensor of inputs, pairs (their inputs)
-    or dicts of keyword arguments (without ``labels``)."""
+    """The model inputs of each calibration batch: a tensor of inputs, a dict of keyword
+    arguments (``labels`` dropped, and optional here), or an ``(inputs, targets)`` pair
+    as :func:`fastprune.batches.split_batch` reads it."""
     for batch in [data] if isinstance(data, torch.Tensor) else data:
-        if isinstance(batch, dict):
-            yield {k: v for k, v in batch.items() if k != "labels"}
-        elif isinstance(batch, (tuple, list)) and len(batch) == 2 and not isinstance(batch[0], (int, float)):
-            yield batch[0]
-        else:
+        if isinstance(batch, torch.Tensor):
             yield batch
+        elif isinstance(batch, dict):
+            yield {k: v for k, v in batch.items() if k != "labels"}
+        else:
+            yield split_batch(batch)[0]
 
 
 def _check_linear(modules: dict) -> None:
