@@ -30,10 +30,12 @@ bench: $(VENV)/.built
 
 build: $(VENV)/.built
 
-$(VENV)/.deps: requirements.txt
+$(VENV)/.deps: requirements.txt requirements-llm.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
 	$(PY) -m pip install -q -r requirements.txt
+	echo "torch==$(TORCH_VERSION)" > $(VENV)/constraints.txt
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -r requirements-llm.txt
 	touch $@
 
 # --no-build-isolation: compile against the torch in .venv, never a freshly resolved one.

@@ -19,8 +19,10 @@ from contextlib import contextmanager
 __all__ = ["phase_times", "phase", "timed", "PHASES"]
 
 #: The phases reported: per-sample statistics (Fisher diagonals, blocks, per-sample
-#: gradients), Fisher inverses, and OBS weight updates.
-PHASES = ("stats", "inverse", "update")
+#: gradients), Fisher inverses, and OBS weight updates; for the layer-wise criteria,
+#: calibration forwards (``forward``, which includes ``hessian``, the input Hessians'
+#: accumulation), the damped inverse factors (``cholesky``) and SparseGPT's ``sweep``.
+PHASES = ("stats", "inverse", "update", "forward", "hessian", "cholesky", "sweep")
 
 _collectors: list[dict[str, float]] = []
 

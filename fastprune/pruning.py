@@ -183,7 +183,7 @@ class Pruner:
         self.model, self.criterion, self.sparsity = model, criterion, float(sparsity)
         self.data, self.loss_fn, self.scope, self.steps = data, loss_fn, scope, steps
         self.process_group, self.group = process_group, resolve_group(process_group)
-        self.targets = find_targets(model, modules)
+        self.targets = find_targets(model, criterion.default_modules(model) if modules is None else modules)
         for t in self.targets:
             if t.mask is not None:
                 check_binary(t.name, t.mask)
@@ -193,7 +193,7 @@ class Pruner:
                              "materialise the model first (model.to_empty(device=...) and load_state_dict, or load "
                              "it without device='meta')")
         frozen = [t.name for t in self.targets if not t.param.requires_grad]
-        if frozen and criterion.requires_data:
+        if frozen and criterion.requires_data and not criterion.calibration:
             raise ValueError(f"{frozen} have requires_grad=False, but {type(criterion).__name__} scores from their "
                              "gradients; leave them out with modules=[...], or set requires_grad=True while pruning")
         frozen = [t.name for t in self.targets if isinstance(t.module, FrozenPattern)]
@@ -234,8 +234,11 @@ class Pruner:
         state = PruningStep(self.model, targets, current, {t.name: t.mask for t in targets}, self.data, self.loss_fn,
                             self.process_group)
         scores, context = criterion.score_step(state)
-        scores = _check_scores(criterion, scores, targets)
+        if scores is not None:
+            scores = _check_scores(criterion, scores, targets)
         chosen = criterion.choose_masks(state, context, step_sparsity, self.nm)
+        if chosen is None and scores is None:
+            raise TypeError(f"{criterion!r} returned no scores and chose no masks")
         if chosen is not None:
             masks = _check_chosen(criterion, chosen, targets)
         else:
@@ -354,7 +357,9 @@ def prune(model: nn.Module, criterion: Criterion, sparsity: float, *, data: Iter
             1 - (1 - s)^(k/steps), re-scoring the pruned model before each step;
             default ``criterion.default_steps`` (1, or 100 for SynFlow).
         modules: module names and/or types to prune; default every Linear,
-            Conv1d, Conv2d and Conv3d weight.
+            Conv1d, Conv2d and Conv3d weight, or the criterion's own choice
+            (``criterion.default_modules``: the layer-wise SparseGPT and Wanda take the
+            Linears inside the model's repeated blocks).
         min_keep: weights every tensor keeps (a count, or a fraction in (0, 1) of
             the tensor), which prevents layer collapse under a global threshold.
         pattern: ``"N:M"`` (e.g. ``"2:4"``, ``"4:8"``) keeps the N best-scored of

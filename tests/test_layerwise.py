@@ -227,3 +227,24 @@ def test_16_bit_models_and_batch_second_layers(calib, dtype):
         assert float((~masks[f"{name}.weight"]).float().mean()) == pytest.approx(0.5, abs=0.05)
     with pytest.raises(ValueError, match="pairs"):
         fastprune.prune(TokenModel(), Wanda(), 0.5, data=[(calib[0], calib[0], calib[0])], progress=False)
+
+
+def test_default_layers_are_the_block_linears(calib):
+    from fastprune.criteria.layerwise import block_layers
+    enc = nn.Sequential()
+    enc.add_module("emb", nn.Embedding(20, 8))
+    enc.add_module("body", nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True),
+                                                 2, enable_nested_tensor=False))
+    enc.add_module("head", nn.Linear(8, 20))
+    enc = enc.double().eval()
+    pruned, skipped = block_layers(enc)
+    assert pruned == [f"body.layers.{i}.{n}" for i in range(2) for n in ("linear1", "linear2")]
+    assert skipped == [f"body.layers.{i}.self_attn{s}" for i in range(2) for s in ("", ".out_proj")]
+    crit = SparseGPT(block_size=8, progress=False)
+    masks = fastprune.prune(enc, crit, 0.5, data=calib, progress=False)
+    assert sorted(masks) == sorted(f"{n}.weight" for n in pruned)
+    assert crit.report["skipped"] == skipped
+    assert crit.report["body.layers.1.linear1.weight"]["block"] == 1
+    with pytest.raises(ValueError, match="have none"):
+        fastprune.prune(nn.Sequential(nn.Conv1d(3, 4, 2)), SparseGPT(), 0.5, data=[torch.randn(2, 3, 5)],
+                        progress=False)

@@ -72,9 +72,10 @@ class Criterion:
             raise NotImplementedError(f"{type(self).__name__} must implement scores() or score_step()")
         return self.score_step(PruningStep.of(model, params, data, loss_fn))[0]
 
-    def score_step(self, step: PruningStep) -> tuple[dict[str, torch.Tensor], object]:
+    def score_step(self, step: PruningStep) -> tuple[dict[str, torch.Tensor] | None, object]:
         """The scores of one pruning step and the context :meth:`compensate` needs (e.g.
-        the inverse Fishers behind the scores). Default: :meth:`scores`, no context."""
+        the inverse Fishers behind the scores). Default: :meth:`scores`, no context.
+        Scores may be None for a criterion whose :meth:`choose_masks` picks the masks."""
         return self.scores(step.model, step.params, step.data, step.loss_fn), None
 
     def compensate(self, step: PruningStep, new_masks: dict[str, torch.Tensor], context
@@ -93,6 +94,11 @@ class Criterion:
         target for every tensor, ``pattern`` ``(N, M)`` or None. None (the default) lets
         ``fastprune.prune`` threshold the scores; masks that keep an already-pruned weight
         are refused."""
+        return None
+
+    def default_modules(self, model: nn.Module) -> list[str] | None:
+        """The modules pruned when ``fastprune.prune`` gets no ``modules=`` (names as in
+        ``model.named_modules()``); None: every Linear and Conv."""
         return None
 
     def allocation(self, params: dict[str, torch.Tensor], sparsity: float) -> dict[str, float] | None:

@@ -1,33 +1,39 @@
 """Layer-wise criteria from calibration inputs: SparseGPT and Wanda on every target
-Linear, each layer judged by how well it reconstructs its own outputs from its input
-Hessian H = 2/n X X^T.
+Linear (and GPT-2 ``Conv1D``), each layer judged by how well it reconstructs its own
+outputs from its input Hessian H = 2/n X X^T.
 
-With ``sequential=True`` (the default) and a model built of repeated blocks (an
+By default they prune the Linear layers inside the model's repeated blocks (an
 ``nn.ModuleList`` of same-type layers: Llama's ``model.layers``, GPT-2's
-``transformer.h``, ``nn.TransformerEncoder.layers``), the blocks are pruned one after
+``transformer.h``, BERT's ``encoder.layer``, ``nn.TransformerEncoder.layers``), not the
+embeddings or the LM head, and, with ``sequential=True`` (the default), one block after
 another as in the papers: the first block's inputs are captured with every keyword
-argument it receives (attention masks, position embeddings), each block's Hessians come
-from its inputs, and the pruned block's outputs are the next block's inputs. Targets
-outside the blocks (and every target of a model without blocks) take their Hessians
-from one pass of the dense model. Nothing is written to the model before the pruning
-step applies the result.
+argument it receives (attention masks, position embeddings; caches off), each block's
+Hessians come from its inputs, and the pruned block's outputs are the next block's
+inputs. Layers reading the same tensor (q/k/v, gate/up) share one Hessian and one
+Cholesky factor. Targets outside the blocks (and every target of a model without
+blocks) take their Hessians from one pass of the dense model. Nothing is written to the
+model before the pruning step applies the result, so a failure in any block leaves the
+model as it was.
 """
 from __future__ import annotations
 
-import warnings
+import inspect
 
 import torch
 from torch import nn
 from torch.func import functional_call
+from tqdm.auto import tqdm
 
-from .._ops import acc_dtype
-from ..batches import call, model_device, move, split_batch
+from ..batches import call_args, model_device, move, split_batch
 from ..memory import check_budget
-from ..second_order.sparsegpt import LayerHessian, sparsegpt_prune, wanda_prune
+from ..profiling import phase
+from ..second_order.sparsegpt import factor_hessian, sparsegpt_prune, wanda_prune
+from ..stats.layer_inputs import InputHessians, as_rows, from_rows, is_linear_like
+from ..targets import DEFAULT_PRUNABLE, has_weight
 from ..validate import integer, optional_integer, real
 from .base import Criterion
 
-__all__ = ["SparseGPT", "Wanda", "layer_hessians", "find_blocks"]
+__all__ = ["SparseGPT", "Wanda", "layer_hessians", "find_blocks", "block_layers"]
 
 
 class _Stop(Exception):
@@ -49,11 +55,39 @@ def find_blocks(model: nn.Module, blocks=None) -> nn.ModuleList | None:
     return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()), default=None)
 
 
-def _calibration_inputs(data):
+def _bypassed(module: nn.Module) -> set[int]:
+    """ids of the Linears whose parent reads their weight without calling them
+    (nn.MultiheadAttention's out_proj): no input to observe."""
+    return {id(m.out_proj) for m in module.modules() if isinstance(m, nn.MultiheadAttention)}
+
+
+def block_layers(model: nn.Module, blocks=None) -> tuple[list[str], list[str]]:
+    """``(pruned, skipped)``: the names of the layers the layer-wise criteria prune by
+    default (every Linear and Conv1D inside the blocks, or in the whole model when it has
+    none) and of the weighted layers there that have no Hessian path (convolutions,
+    nn.MultiheadAttention's projections), which stay dense."""
+    found = find_blocks(model, blocks)
+    root = found if found is not None else model
+    prefix = next(n for n, m in model.named_modules() if m is root)
+    bypassed = _bypassed(root)
+    pruned, skipped = [], []
+    for n, m in root.named_modules():
+        name = f"{prefix}.{n}".strip(".")
+        if is_linear_like(m) and has_weight(m) and id(m) not in bypassed:
+            pruned.append(name)
+        elif id(m) in bypassed or isinstance(m, nn.MultiheadAttention) or (
+                isinstance(m, DEFAULT_PRUNABLE) and has_weight(m)):
+            skipped.append(name)
+    return pruned, skipped
+
+
+def _calibration_inputs(data, nsamples: int | None):
     """The model inputs of each calibration batch: a tensor of inputs, a dict of keyword
     arguments (``labels`` dropped, and optional here), or an ``(inputs, targets)`` pair
-    as :func:`fastprune.batches.split_batch` reads it."""
-    for batch in [data] if isinstance(data, torch.Tensor) else data:
+    as :func:`fastprune.batches.split_batch` reads it; the first ``nsamples`` batches."""
+    for i, batch in enumerate([data] if isinstance(data, torch.Tensor) else data):
+        if nsamples is not None and i >= nsamples:
+            return
         if isinstance(batch, torch.Tensor):
             yield batch
         elif isinstance(batch, dict):
@@ -62,53 +96,40 @@ def _calibration_inputs(data):
             yield split_batch(batch)[0]
 
 
+def _run_model(model: nn.Module, inputs, device) -> None:
+    """One calibration forward, with Hugging Face's key/value cache off where the model
+    takes ``use_cache`` (a cache would make each block attend to earlier batches)."""
+    args, kwargs = call_args(move(inputs, device))
+    try:
+        takes_cache = "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        takes_cache = False
+    if takes_cache:
+        kwargs = {**kwargs, "use_cache": False}
+    model(*args, **kwargs)
+
+
 def _check_linear(modules: dict) -> None:
-    odd = [f"{type(m).__name__} {n!r}" for n, m in modules.items() if not isinstance(m, nn.Linear)]
+    odd = [f"{type(m).__name__} {n!r}" for n, m in modules.items() if not is_linear_like(m)]
     if odd:
         raise ValueError(f"layer-wise criteria prune Linear layers from their input Hessians; {odd} are not: "
                          "select the Linear layers with modules=[...] (or modules=[torch.nn.Linear])")
 
 
-def _hessians_while(modules: dict, run, device, max_memory) -> dict[str, torch.Tensor]:
-    """{name: H of the module's inputs} over the forwards that ``run()`` makes."""
-    need = sum(acc_dtype(m.weight.dtype).itemsize * m.in_features ** 2 for m in modules.values())
-    check_budget(need, max_memory, device, f"the input Hessians of {len(modules)} layers",
-                 "prune fewer layers per call (modules=)")
-    # float32 (float64 for a float64 model), whatever the activations' dtype.
-    acc = {n: LayerHessian(m.in_features, device=device, dtype=acc_dtype(m.weight.dtype)) for n, m in modules.items()}
-    handles = [m.register_forward_hook(lambda mod, args, out, n=n: acc[n].add(args[0].detach()))
-               for n, m in modules.items()]
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for h in handles:
-            h.remove()
-    empty = [n for n, a in acc.items() if a.rows == 0]
-    if empty:
-        raise ValueError(f"the calibration data never reached {empty}: no inputs, so no Hessian; check data= and "
-                         "that these layers run their own forward (nn.MultiheadAttention's out_proj does not: "
-                         "leave it out with modules=)")
-    short = [n for n, a in acc.items() if a.rows < a.columns]
-    if short:
-        warnings.warn(f"fastprune: {short} saw fewer calibration rows than input features: their Hessians are "
-                      "rank-deficient and the damping carries them; use more calibration data", stacklevel=4)
-    return {n: a.hessian for n, a in acc.items()}
-
-
-def layer_hessians(step, nsamples: int | None = None, max_memory: int | None = None) -> dict[str, torch.Tensor]:
-    """{target name: H of its module's inputs} from one no-grad pass of the model over
-    ``step.data`` (its first ``nsamples`` batches when given)."""
-    modules = {t.name: t.module for t in step.targets}
+def layer_hessians(step, nsamples: int | None = None, max_memory: int | None = None, names=None,
+                   share: bool = True) -> list[tuple[list[str], torch.Tensor]]:
+    """``[(target names, H of their common input)]`` from one no-grad pass of the model
+    over ``step.data`` (its first ``nsamples`` batches), for the targets in ``names``
+    (default: all)."""
+    modules = {t.name: t.module for t in step.targets if names is None or t.name in names}
     _check_linear(modules)
     device = model_device(step.model)
-
-    def run():
-        for i, x in enumerate(_calibration_inputs(step.data)):
-            if nsamples is not None and i >= nsamples:
-                break
-            call(step.model, move(x, device))
-    return _hessians_while(modules, run, device, max_memory)
+    with InputHessians(modules, device, max_memory=max_memory, share=share) as stats, torch.no_grad(), \
+            phase("forward"):
+        for x in _calibration_inputs(step.data, nsamples):
+            stats.new_forward()
+            _run_model(step.model, x, device)
+    return stats.result(stacklevel=4)
 
 
 def _inner_name(block: nn.Module, target) -> str:
@@ -116,6 +137,11 @@ def _inner_name(block: nn.Module, target) -> str:
     prefix = next(n for n, m in block.named_modules() if m is target.module)
     local = target.tensor_name + ("_orig" if target.mask is not None else "")
     return f"{prefix}.{local}" if prefix else local
+
+
+def _no_cache(value):
+    """None in place of a key/value cache object (anything with ``get_seq_length``)."""
+    return None if hasattr(value, "get_seq_length") else value
 
 
 def _next_inputs(args: tuple, kwargs: dict, out) -> tuple[tuple, dict]:
@@ -127,27 +153,60 @@ def _next_inputs(args: tuple, kwargs: dict, out) -> tuple[tuple, dict]:
     return args, {**kwargs, "hidden_states": hidden}
 
 
+def _hidden_bytes(calls) -> int:
+    return sum(t.numel() * t.element_size() for args, kwargs in calls for t in [*args, *kwargs.values()]
+               if isinstance(t, torch.Tensor))
+
+
 class _LayerWise(Criterion):
     requires_data = True
     calibration = True
 
-    def __init__(self, nsamples: int | None = None, max_memory: int | None = None, sequential: bool = True,
-                 blocks=None):
+    def __init__(self, nsamples=None, max_memory=None, sequential=True, blocks=None, true_sequential=False,
+                 share_hessians=True, device=None, progress=True):
         self.nsamples = optional_integer(nsamples, "nsamples", 1)
         self.max_memory = optional_integer(max_memory, "max_memory", 0, hint=" (bytes)")
-        self.sequential, self.blocks = bool(sequential), blocks
+        self.sequential, self.blocks, self.true_sequential = bool(sequential), blocks, bool(true_sequential)
+        self.share_hessians, self.progress = bool(share_hessians), bool(progress)
+        self.device = None if device is None else torch.device(device)
+        #: What the last pruning did, per target: ``block`` (None outside the blocks),
+        #: ``shared_with`` (the targets sharing its Hessian) and, for SparseGPT, ``loss``,
+        #: ``percdamp`` and ``dead`` (see ``sparsegpt_prune``); and under
+        #: ``"skipped"`` the block layers without a Hessian path, left dense.
+        self.report: dict = {}
+
+    def default_modules(self, model: nn.Module) -> list[str]:
+        pruned, skipped = block_layers(model, self.blocks)
+        if not pruned:
+            raise ValueError(f"layer-wise criteria prune Linear layers (and GPT-2 Conv1D) from their input Hessians, "
+                             f"and the model's blocks have none (layers without a Hessian path: {skipped}); name "
+                             "the Linear layers with modules=[...], or the blocks with blocks=")
+        return pruned
+
+    def scores(self, model, params, data=None, loss_fn=None):
+        """Layer-wise saliencies on the dense model's activations, for ``importance_scores``."""
+        from .base import PruningStep
+        step = PruningStep.of(model, params, data, loss_fn)
+        out = {}
+        for names, h in layer_hessians(step, self.nsamples, self.max_memory, share=self.share_hessians):
+            for n in names:
+                module = next(t.module for t in step.targets if t.name == n)
+                out[n] = from_rows(self._scores(as_rows(params[n], module), h), module)
+        return out
 
     def score_step(self, step):
-        hessians = layer_hessians(step, self.nsamples, self.max_memory)
-        return self._scores(step, hessians), {"hessians": hessians}
+        return None, {}  # the masks come out of choose_masks' own solver
 
     def choose_masks(self, step, context, sparsity, pattern):
         pattern = None if pattern is None else f"{pattern[0]}:{pattern[1]}"
+        _check_linear({t.name: t.module for t in step.targets})
+        self.report = {"skipped": block_layers(step.model, self.blocks)[1]}
         blocks = find_blocks(step.model, self.blocks) if self.sequential else None
         done = self._sequential(step, blocks, sparsity, pattern) if blocks is not None else {}
-        for t in step.targets:  # outside the blocks: the dense model's Hessians
-            if t.name not in done:
-                done[t.name] = self._prune(step.params[t.name], context["hessians"][t.name], sparsity, pattern)
+        rest = {t.name for t in step.targets if t.name not in done}
+        if rest:  # outside the blocks: the dense model's Hessians
+            for names, h in layer_hessians(step, self.nsamples, self.max_memory, rest, self.share_hessians):
+                done.update(self._prune_group(step, names, h, sparsity, pattern, None))
         masks = {}
         for t in step.targets:
             weight, keep = done[t.name]
@@ -157,55 +216,75 @@ class _LayerWise(Criterion):
             masks[t.name] = keep
         return masks
 
-    def _sequential(self, step, blocks, sparsity, pattern) -> dict:
-        """Block after block: each block's Hessians from its inputs, its layers pruned, and
-        its pruned outputs (computed functionally, the model untouched) the next block's
-        inputs."""
-        device = model_device(step.model)
+    def _prune_group(self, step, names, hessian, sparsity, pattern, block) -> dict:
+        """{name: (new weight, keep)} for the targets sharing ``hessian``."""
+        modules = {t.name: t.module for t in step.targets}
+        rows = {n: as_rows(step.params[n], modules[n]).to(hessian.device) for n in names}
+        out = self._solve(rows, hessian, sparsity, pattern)
+        result = {}
+        for n in names:
+            new, keep, info = out[n]
+            device = step.params[n].device
+            result[n] = (from_rows(new, modules[n]).to(device), from_rows(keep, modules[n]).to(device))
+            self.report[n] = {"block": block, "shared_with": [m for m in names if m != n], **info}
+        return result
+
+    def _capture(self, step, blocks, device) -> list[tuple[tuple, dict]]:
+        """The first block's (args, kwargs) for each calibration batch, on ``device``."""
         calls = []
 
         def grab(module, args, kwargs):
-            calls.append((args, kwargs))
+            calls.append((tuple(move(a.detach(), device) if isinstance(a, torch.Tensor) else a for a in args),
+                          {k: _no_cache(move(v, device)) for k, v in kwargs.items()}))
             raise _Stop
 
         handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
         try:
             # Autograd on (nothing is differentiated): fused inference paths such as
             # nn.TransformerEncoderLayer's would skip the Linear forwards the hooks watch.
-            with torch.enable_grad():
-                for i, x in enumerate(_calibration_inputs(step.data)):
-                    if self.nsamples is not None and i >= self.nsamples:
-                        break
+            with torch.enable_grad(), phase("forward"):
+                for x in _calibration_inputs(step.data, self.nsamples):
                     try:
-                        call(step.model, move(x, device))
+                        _run_model(step.model, x, model_device(step.model))
                     except _Stop:
                         pass
         finally:
             handle.remove()
         if not calls:
             raise ValueError("the calibration data never reached the model's first block; check data=")
-        calls = [(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), kwargs)
-                 for args, kwargs in calls]
-        done = {}
-        for block in blocks:
-            inside = {t.name: t for t in step.targets if any(t.module is m for m in block.modules())}
-            if inside:
-                modules = {n: t.module for n, t in inside.items()}
-                _check_linear(modules)
+        return calls
 
-                def run(block=block):
-                    with torch.enable_grad():
-                        for args, kwargs in calls:
-                            block(*args, **kwargs)
-                hessians = _hessians_while(modules, run, device, self.max_memory)
-                for n in inside:
-                    done[n] = self._prune(step.params[n], hessians[n], sparsity, pattern)
-            override = {_inner_name(block, t): done[n][0].to(t.param.dtype) for n, t in inside.items()}
-            with torch.enable_grad():
-                calls = [_next_inputs(args, kwargs, functional_call(block, override, args, kwargs))
+    def _sequential(self, step, blocks, sparsity, pattern) -> dict:
+        """Block after block: each block's Hessians from its inputs, its layers pruned, and
+        its pruned outputs (computed functionally, the model untouched) the next block's
+        inputs. With ``device``, each block's tensors are copied there for its turn."""
+        device = self.device or model_device(step.model)
+        calls = self._capture(step, blocks, device)
+        # The inputs and the outputs of one block are held at once.
+        check_budget(2 * _hidden_bytes(calls), self.max_memory, device, "the calibration activations of one block "
+                     f"({len(calls)} batches, inputs and outputs)", "use fewer calibration batches (nsamples=)")
+        done = {}
+        for i, block in enumerate(tqdm(blocks, desc="blocks", disable=not self.progress, leave=False)):
+            state = {n: t.to(device) for n, t in [*block.named_parameters(remove_duplicate=False),
+                                                   *block.named_buffers(remove_duplicate=False)]}
+            inside = {t.name: t for t in step.targets if any(t.module is m for m in block.modules())}
+            modules = {n: t.module for n, t in inside.items()}
+            stages = len(modules) if self.true_sequential else None
+            while modules:
+                with InputHessians(modules, device, max_memory=self.max_memory, share=self.share_hessians,
+                                   first=1 if stages else None) as stats, torch.enable_grad(), phase("forward"):
+                    for args, kwargs in calls:
+                        stats.new_forward()
+                        functional_call(block, state, args, kwargs)
+                for names, h in stats.result(stacklevel=5):
+                    for n, (new, keep) in self._prune_group(step, names, h, sparsity, pattern, i).items():
+                        done[n] = (new, keep)
+                        state[_inner_name(block, inside[n])] = new.to(device, inside[n].param.dtype)
+                        del modules[n]
+            with torch.enable_grad(), phase("forward"):
+                calls = [_next_inputs(args, kwargs, functional_call(block, state, args, kwargs))
                          for args, kwargs in calls]
         return done
-
 
 
 class SparseGPT(_LayerWise):
@@ -216,33 +295,45 @@ class SparseGPT(_LayerWise):
 
     Use ``fastprune.prune(model, SparseGPT(), 0.5, data=calibration)`` (or
     ``pattern="2:4"``); every target tensor gets the sparsity (``scope`` does not apply).
-    The scores, for ``importance_scores`` use, are the layer-wise OBD saliency
+    ``calibration`` is a (B, L) tensor of token ids, or an iterable of such tensors, of
+    dicts of model keyword arguments (``labels`` is dropped) or of (inputs, targets)
+    pairs. The scores, for ``importance_scores`` use, are the layer-wise OBD saliency
     w^2 H_jj / 2 on the dense model's activations.
 
     Args:
         block_size: columns per block (128 in the paper).
         percdamp: damping as a fraction of the mean diagonal of H (0.01 in the paper).
         nsamples: calibration batches used (default: all of ``data``).
-        max_memory: bytes the Hessians may take (default: half the free memory).
+        max_memory: bytes the Hessians, and the activations of one block, may take
+            (default: half the free memory of the device).
         sequential: prune the model's repeated blocks one after another, each from the
             pruned model's activations (see the module doc).
         blocks: the block list, by name or module, when the largest repeated
             ``nn.ModuleList`` is not it.
+        true_sequential: inside each block, prune the layers reading one input (q/k/v,
+            then o, then gate/up, then down) before collecting the next input's Hessian,
+            from the block with those layers pruned (one block forward per input).
+        share_hessians: one Hessian and one factor per distinct layer input (False:
+            one per layer, as the reference code does; the same numbers, more work).
+        device: where each block is pruned (e.g. ``"cuda"`` for a model kept on CPU);
+            default the model's device.
+        progress: a progress bar over the blocks.
     """
 
     def __init__(self, block_size: int = 128, percdamp: float = 0.01, nsamples: int | None = None,
-                 max_memory: int | None = None, sequential: bool = True, blocks=None):
-        super().__init__(nsamples, max_memory, sequential, blocks)
+                 max_memory: int | None = None, sequential: bool = True, blocks=None, true_sequential: bool = False,
+                 share_hessians: bool = True, device=None, progress: bool = True):
+        super().__init__(nsamples, max_memory, sequential, blocks, true_sequential, share_hessians, device, progress)
         self.block_size = integer(block_size, "block_size", 1)
         self.percdamp = real(percdamp, "percdamp", 0, low_open=True)
 
-    def _scores(self, step, hessians):
-        return {t.name: 0.5 * step.params[t.name].to(hessians[t.name].dtype).square() * hessians[t.name].diagonal()
-                for t in step.targets}
+    def _scores(self, weight, hessian):
+        return 0.5 * weight.to(hessian.dtype).square() * hessian.diagonal()
 
-    def _prune(self, weight, hessian, sparsity, pattern):
-        new, keep, _ = sparsegpt_prune(weight, hessian, sparsity, pattern, self.block_size, self.percdamp)
-        return new, keep
+    def _solve(self, rows, hessian, sparsity, pattern):
+        factor = factor_hessian(hessian, self.percdamp)
+        return {n: sparsegpt_prune(w, None, sparsity, pattern, self.block_size, factor=factor)
+                for n, w in rows.items()}
 
     def compensate(self, step, new_masks, context):
         return context["weights"]
@@ -254,14 +345,12 @@ class Wanda(_LayerWise):
     update. Use ``fastprune.prune(model, Wanda(), 0.5, data=calibration)``.
 
     Args:
-        nsamples: calibration batches used (default: all of ``data``).
-        max_memory: bytes the Hessians (whose diagonals give the norms) may take.
-        sequential, blocks: as for :class:`SparseGPT`.
+        nsamples, max_memory, sequential, blocks, true_sequential, share_hessians, device,
+        progress: as for :class:`SparseGPT`.
     """
 
-    def _scores(self, step, hessians):
-        return {t.name: step.params[t.name].abs().to(hessians[t.name].dtype) * hessians[t.name].diagonal().sqrt()
-                for t in step.targets}
+    def _scores(self, weight, hessian):
+        return weight.abs().to(hessian.dtype) * hessian.diagonal().sqrt()
 
-    def _prune(self, weight, hessian, sparsity, pattern):
-        return wanda_prune(weight, hessian, sparsity, pattern)
+    def _solve(self, rows, hessian, sparsity, pattern):
+        return {n: (*wanda_prune(w, hessian, sparsity, pattern), {}) for n, w in rows.items()}

@@ -11,15 +11,17 @@ which is exact for the columns not yet processed. The sweep itself is the
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 
 from .. import _ops
 from ..errors import check_finite
+from ..profiling import phase, timed
 from ..select import parse_pattern
 from ..validate import integer, real
 
-__all__ = ["LayerHessian", "sparsegpt_prune", "wanda_prune"]
+__all__ = ["LayerHessian", "HessianFactor", "factor_hessian", "sparsegpt_prune", "wanda_prune"]
 
 
 class LayerHessian:
@@ -42,32 +44,56 @@ class LayerHessian:
             return
         # A running mean: H stays on the scale of one input row, whatever n grows to.
         total = self.rows + m
-        self.hessian.addmm_(x.T, x, beta=self.rows / total, alpha=2.0 / total)
+        with phase("hessian"):
+            self.hessian.addmm_(x.T, x, beta=self.rows / total, alpha=2.0 / total)
         self.rows = total
 
 
-def _inverse_factor(hessian: torch.Tensor, percdamp: float, tries: int = 4) -> tuple[torch.Tensor, float]:
-    """U with U^T U = (H + damp I)^-1, damp = percdamp * mean(diag H); a factorisation
-    that fails is retried with ten times the damping (returned, so the caller can say so)."""
-    damp = percdamp
-    mean_diag = float(hessian.diagonal().mean())
+@dataclass
+class HessianFactor:
+    """What SparseGPT's sweep needs from one input Hessian, computed once and shared by
+    every layer reading that input (q/k/v, gate/up): ``upper`` with
+    ``upper^T upper = (H + damp I)^-1``, the ``dead`` inputs (always 0), and the
+    ``percdamp`` that made H + damp I positive definite."""
+
+    upper: torch.Tensor
+    dead: torch.Tensor
+    percdamp: float
+
+
+@timed("cholesky")
+def factor_hessian(hessian: torch.Tensor, percdamp: float = 0.01, tries: int = 4) -> HessianFactor:
+    """Damps H by ``percdamp`` x mean(diag H) and factors its inverse. Dead inputs (diag 0)
+    get H_jj = 1, as in the reference, so their weights go first at no cost. A
+    factorisation that fails is retried with ten times the damping, up to ``tries``
+    times, with a warning naming the damping used; never silently the identity."""
+    percdamp = real(percdamp, "percdamp", 0, low_open=True)
+    h = hessian.to(_ops.acc_dtype(hessian.dtype), copy=True)
+    check_finite([("hessian", h)], "non-finite layer Hessian", "check the calibration activations for overflow")
+    dead = h.diagonal() == 0
+    if bool(dead.any()):
+        h[dead, dead] = 1.0
+    damp, mean_diag = percdamp, float(h.diagonal().mean())
     for _ in range(tries):
-        h = hessian.clone()
-        h.diagonal().add_(damp * mean_diag)
-        factor, info = torch.linalg.cholesky_ex(h)
+        damped = h.clone()
+        damped.diagonal().add_(damp * mean_diag)
+        factor, info = torch.linalg.cholesky_ex(damped)
         if int(info) == 0:
-            inverse = torch.cholesky_inverse(factor)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
             if int(info) == 0:
-                return upper, damp
+                if damp != percdamp:
+                    warnings.warn(f"fastprune: the layer Hessian needed percdamp={damp:g} (asked {percdamp:g}) to "
+                                  "be positive definite", stacklevel=3)
+                return HessianFactor(upper, dead, damp)
         damp *= 10
     raise RuntimeError(f"the layer Hessian is not positive definite even with percdamp={damp / 10:g}; the "
                        "calibration inputs may be degenerate (all zero, or NaN-free but tiny): use more or other "
                        "calibration data")
 
 
-def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float = 0.5, pattern: str | None = None,
-                    block_size: int = 128, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor | None, sparsity: float = 0.5,
+                    pattern: str | None = None, block_size: int = 128, percdamp: float = 0.01,
+                    factor: HessianFactor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Prunes ``weight`` (rows, cols) of a layer with input Hessian ``hessian`` (cols, cols).
 
     Args:
@@ -77,6 +103,8 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
         block_size: columns per block (the lazy-update width, 128 in the paper).
         percdamp: damping, as a fraction of the mean diagonal of H (0.01 in the paper);
             raised tenfold, up to three times, if H + damp I is not positive definite.
+        factor: :func:`factor_hessian` of ``hessian``, when several layers share it
+            (``hessian`` may then be None; ``percdamp`` is the factor's).
 
     Returns:
         ``(new_weight, keep_mask, info)``: the weight with pruned entries 0 and the rest
@@ -85,37 +113,32 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
         ``percdamp`` (the damping used) and ``dead`` (columns whose inputs were all zero:
         their weights are pruned, as in the reference).
     """
-    if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
-        raise ValueError(f"weight must be (rows, cols) and hessian (cols, cols); got {tuple(weight.shape)} and "
-                         f"{tuple(hessian.shape)}")
+    cols = weight.shape[-1]
+    if factor is None:
+        if weight.dim() != 2 or hessian is None or hessian.shape != (cols, cols):
+            raise ValueError(f"weight must be (rows, cols) and hessian (cols, cols); got {tuple(weight.shape)} and "
+                             f"{None if hessian is None else tuple(hessian.shape)}")
+        factor = factor_hessian(hessian, percdamp)
+    elif weight.dim() != 2 or factor.upper.shape != (cols, cols):
+        raise ValueError(f"weight must be (rows, cols) and the factor (cols, cols); got {tuple(weight.shape)} and "
+                         f"{tuple(factor.upper.shape)}")
     block_size = integer(block_size, "block_size", 1)
-    percdamp = real(percdamp, "percdamp", 0, low_open=True)
     prune_n = prune_m = 0
     if pattern is not None:
         keep_n, prune_m = parse_pattern(pattern)
         prune_n = prune_m - keep_n
-        if weight.shape[1] % prune_m:
-            raise ValueError(f"pattern {pattern!r} needs the {weight.shape[1]} input features to be a multiple of "
-                             f"{prune_m}")
+        if cols % prune_m:
+            raise ValueError(f"pattern {pattern!r} needs the {cols} input features to be a multiple of {prune_m}")
         block_size = max(prune_m, block_size - block_size % prune_m)
         sparsity = 0.0
     else:
         sparsity = real(sparsity, "sparsity", 0, 1, high_open=True)
-    acc = _ops.acc_dtype(weight.dtype)
-    h = hessian.to(acc, copy=True)
-    check_finite([("hessian", h)], "non-finite layer Hessian", "check the calibration activations for overflow")
-    dead = h.diagonal() == 0
-    w = weight.detach().to(acc, copy=True)
-    if bool(dead.any()):
-        h[dead, dead] = 1.0  # an input that is always 0: its weights do nothing and go first
-        w[:, dead] = 0.0
-    upper, used = _inverse_factor(h, percdamp)
-    if used != percdamp:
-        warnings.warn(f"fastprune: the layer Hessian needed percdamp={used:g} (asked {percdamp:g}) to be positive "
-                      "definite", stacklevel=2)
-    new, keep, losses = _ops.sparsegpt_sweep(w, upper, block_size, sparsity, prune_n, prune_m)
-    keep &= ~dead.unsqueeze(0)
-    info = {"loss": float(losses.sum()) / 2, "percdamp": used, "dead": int(dead.sum())}
+    w = weight.detach().to(factor.upper.dtype, copy=True)
+    w[:, factor.dead] = 0.0  # an input that is always 0: its weights do nothing and go first
+    with phase("sweep"):
+        new, keep, losses = _ops.sparsegpt_sweep(w, factor.upper, block_size, sparsity, prune_n, prune_m)
+    keep &= ~factor.dead.unsqueeze(0)
+    info = {"loss": float(losses.sum()) / 2, "percdamp": factor.percdamp, "dead": int(factor.dead.sum())}
     return (new * keep).to(weight.dtype), keep, info
 
 
