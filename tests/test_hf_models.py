@@ -246,3 +246,20 @@ def test_pattern_that_does_not_divide_and_no_blocks_errors(calib):
         fastprune.prune(model, SparseGPT(progress=False), 1 - 3 / 7, data=calib, pattern="3:7", progress=False)
     with pytest.raises(ValueError, match="blocks= must name"):
         fastprune.prune(model, SparseGPT(blocks="lm_head", progress=False), 0.5, data=calib, progress=False)
+
+
+def test_true_sequential_in_one_pass_for_one_calibration_batch(calib):
+    # One (B, L) tensor: every layer is pruned inside a single forward of its block.
+    model, ref = build("llama"), build("llama")
+    crit = SparseGPT(block_size=8, true_sequential=True, progress=False)
+    fastprune.prune(model, crit, 0.5, data=torch.cat(calib), progress=False)
+    stages = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+              ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    for i in range(3):
+        for stage in stages:
+            by_hand_stage(ref, calib, [f"model.layers.{i}.{s}" for s in stage])
+    for n in block_layers(ref)[0]:
+        torch.testing.assert_close(model.get_submodule(n).weight.detach(), ref.get_submodule(n).weight.detach(),
+                                   rtol=1e-7, atol=1e-9, msg=n)
+    assert sorted(crit.report["model.layers.1.self_attn.k_proj.weight"]["shared_with"]) == [
+        "model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"]

@@ -18,17 +18,20 @@ model as it was.
 from __future__ import annotations
 
 import inspect
+import warnings
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from .._ops import acc_dtype
 from ..batches import call_args, model_device, move, split_batch
 from ..memory import check_budget
 from ..profiling import phase
-from ..second_order.sparsegpt import factor_hessian, sparsegpt_prune, wanda_prune
-from ..stats.layer_inputs import InputHessians, as_rows, from_rows, is_linear_like
+from ..second_order.sparsegpt import LayerHessian, factor_hessian, sparsegpt_prune, wanda_prune
+from ..stats.layer_inputs import InputHessians, as_rows, from_rows, in_features, is_linear_like
 from ..targets import DEFAULT_PRUNABLE, has_weight
 from ..validate import integer, optional_integer, real
 from .base import Criterion
@@ -109,6 +112,20 @@ def _run_model(model: nn.Module, inputs, device) -> None:
     model(*args, **kwargs)
 
 
+@contextmanager
+def _observable():
+    """No autograd graph (it would hold every intermediate of a block) and no fused
+    attention path (nn.TransformerEncoderLayer's skips the Linear forwards the hooks
+    watch)."""
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+
+
 def _check_linear(modules: dict) -> None:
     odd = [f"{type(m).__name__} {n!r}" for n, m in modules.items() if not is_linear_like(m)]
     if odd:
@@ -117,15 +134,15 @@ def _check_linear(modules: dict) -> None:
 
 
 def layer_hessians(step, nsamples: int | None = None, max_memory: int | None = None, names=None,
-                   share: bool = True) -> list[tuple[list[str], torch.Tensor]]:
+                   share: bool = True, diagonal: bool = False) -> list[tuple[list[str], torch.Tensor]]:
     """``[(target names, H of their common input)]`` from one no-grad pass of the model
     over ``step.data`` (its first ``nsamples`` batches), for the targets in ``names``
-    (default: all)."""
+    (default: all); with ``diagonal``, diag(H) only."""
     modules = {t.name: t.module for t in step.targets if names is None or t.name in names}
     _check_linear(modules)
     device = model_device(step.model)
-    with InputHessians(modules, device, max_memory=max_memory, share=share) as stats, torch.no_grad(), \
-            phase("forward"):
+    with InputHessians(modules, device, max_memory=max_memory, share=share, diagonal=diagonal) as stats, \
+            _observable(), phase("forward"):
         for x in _calibration_inputs(step.data, nsamples):
             stats.new_forward()
             _run_model(step.model, x, device)
@@ -161,6 +178,8 @@ def _hidden_bytes(calls) -> int:
 class _LayerWise(Criterion):
     requires_data = True
     calibration = True
+    #: Whether the solver needs only diag(H).
+    diagonal = False
 
     def __init__(self, nsamples=None, max_memory=None, sequential=True, blocks=None, true_sequential=False,
                  share_hessians=True, device=None, progress=True):
@@ -188,7 +207,8 @@ class _LayerWise(Criterion):
         from .base import PruningStep
         step = PruningStep.of(model, params, data, loss_fn)
         out = {}
-        for names, h in layer_hessians(step, self.nsamples, self.max_memory, share=self.share_hessians):
+        for names, h in layer_hessians(step, self.nsamples, self.max_memory, share=self.share_hessians,
+                                       diagonal=self.diagonal):
             for n in names:
                 module = next(t.module for t in step.targets if t.name == n)
                 out[n] = from_rows(self._scores(as_rows(params[n], module), h), module)
@@ -205,7 +225,8 @@ class _LayerWise(Criterion):
         done = self._sequential(step, blocks, sparsity, pattern) if blocks is not None else {}
         rest = {t.name for t in step.targets if t.name not in done}
         if rest:  # outside the blocks: the dense model's Hessians
-            for names, h in layer_hessians(step, self.nsamples, self.max_memory, rest, self.share_hessians):
+            for names, h in layer_hessians(step, self.nsamples, self.max_memory, rest, self.share_hessians,
+                                           self.diagonal):
                 done.update(self._prune_group(step, names, h, sparsity, pattern, None))
         masks = {}
         for t in step.targets:
@@ -216,16 +237,17 @@ class _LayerWise(Criterion):
             masks[t.name] = keep
         return masks
 
-    def _prune_group(self, step, names, hessian, sparsity, pattern, block) -> dict:
-        """{name: (new weight, keep)} for the targets sharing ``hessian``."""
+    def _prune_group(self, step, names, hessian, sparsity, pattern, block, prepared=None) -> dict:
+        """{name: (new weight, keep)} for the targets sharing ``hessian`` (or its
+        ``prepared`` form)."""
         modules = {t.name: t.module for t in step.targets}
-        rows = {n: as_rows(step.params[n], modules[n]).to(hessian.device) for n in names}
-        out = self._solve(rows, hessian, sparsity, pattern)
+        if prepared is None:
+            prepared = self._prepare(hessian)
         result = {}
         for n in names:
-            new, keep, info = out[n]
-            device = step.params[n].device
-            result[n] = (from_rows(new, modules[n]).to(device), from_rows(keep, modules[n]).to(device))
+            w = as_rows(step.params[n], modules[n])
+            new, keep, info = self._apply(w.to(self._device_of(prepared)), prepared, sparsity, pattern)
+            result[n] = (from_rows(new, modules[n]).to(w.device), from_rows(keep, modules[n]).to(w.device))
             self.report[n] = {"block": block, "shared_with": [m for m in names if m != n], **info}
         return result
 
@@ -240,9 +262,7 @@ class _LayerWise(Criterion):
 
         handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
         try:
-            # Autograd on (nothing is differentiated): fused inference paths such as
-            # nn.TransformerEncoderLayer's would skip the Linear forwards the hooks watch.
-            with torch.enable_grad(), phase("forward"):
+            with _observable(), phase("forward"):
                 for x in _calibration_inputs(step.data, self.nsamples):
                     try:
                         _run_model(step.model, x, model_device(step.model))
@@ -256,36 +276,96 @@ class _LayerWise(Criterion):
 
     def _sequential(self, step, blocks, sparsity, pattern) -> dict:
         """Block after block: each block's Hessians from its inputs, its layers pruned, and
-        its pruned outputs (computed functionally, the model untouched) the next block's
-        inputs. With ``device``, each block's tensors are copied there for its turn."""
+        its pruned outputs (computed functionally on a copy of the block's tensors, the
+        model untouched) the next block's inputs. With ``device``, the copy is made there."""
         device = self.device or model_device(step.model)
         calls = self._capture(step, blocks, device)
         # The inputs and the outputs of one block are held at once.
         check_budget(2 * _hidden_bytes(calls), self.max_memory, device, "the calibration activations of one block "
                      f"({len(calls)} batches, inputs and outputs)", "use fewer calibration batches (nsamples=)")
         done = {}
-        for i, block in enumerate(tqdm(blocks, desc="blocks", disable=not self.progress, leave=False)):
-            state = {n: t.to(device) for n, t in [*block.named_parameters(remove_duplicate=False),
-                                                   *block.named_buffers(remove_duplicate=False)]}
-            inside = {t.name: t for t in step.targets if any(t.module is m for m in block.modules())}
-            modules = {n: t.module for n, t in inside.items()}
-            stages = len(modules) if self.true_sequential else None
-            while modules:
-                with InputHessians(modules, device, max_memory=self.max_memory, share=self.share_hessians,
-                                   first=1 if stages else None) as stats, torch.enable_grad(), phase("forward"):
-                    for args, kwargs in calls:
-                        stats.new_forward()
-                        functional_call(block, state, args, kwargs)
-                for names, h in stats.result(stacklevel=5):
-                    for n, (new, keep) in self._prune_group(step, names, h, sparsity, pattern, i).items():
-                        done[n] = (new, keep)
-                        state[_inner_name(block, inside[n])] = new.to(device, inside[n].param.dtype)
-                        del modules[n]
-            with torch.enable_grad(), phase("forward"):
-                calls = [_next_inputs(args, kwargs, functional_call(block, state, args, kwargs))
-                         for args, kwargs in calls]
+        with _observable():
+            for i, block in enumerate(tqdm(blocks, desc="blocks", disable=not self.progress, leave=False)):
+                state = {n: t.detach().to(device, copy=True) for n, t in
+                         [*block.named_parameters(remove_duplicate=False),
+                          *block.named_buffers(remove_duplicate=False)]}
+                inside = {t.name: t for t in step.targets if any(t.module is m for m in block.modules())}
+                if self.true_sequential and len(calls) == 1:
+                    out = self._one_pass(step, block, i, inside, state, calls[0], sparsity, pattern, done)
+                    calls = [_next_inputs(*calls[0], out)]
+                    continue
+                self._staged(step, block, i, inside, state, calls, sparsity, pattern, done)
+                with phase("forward"):
+                    calls = [_next_inputs(args, kwargs, functional_call(block, state, args, kwargs))
+                             for args, kwargs in calls]
         return done
 
+    def _staged(self, step, block, i, inside, state, calls, sparsity, pattern, done) -> None:
+        """Prunes ``block``'s targets from block forwards over every call: all at once from
+        the block as it came, or (true sequential) one input group per forward, each from
+        the block with the earlier groups pruned."""
+        device = next(iter(state.values())).device
+        modules = {n: t.module for n, t in inside.items()}
+        while modules:
+            with InputHessians(modules, device, max_memory=self.max_memory, share=self.share_hessians,
+                               first=1 if self.true_sequential else None, diagonal=self.diagonal) as stats, \
+                    phase("forward"):
+                for args, kwargs in calls:
+                    stats.new_forward()
+                    functional_call(block, state, args, kwargs)
+            for names, h in stats.result(stacklevel=6):
+                for n, (new, keep) in self._prune_group(step, names, h, sparsity, pattern, i).items():
+                    done[n] = (new, keep)
+                    state[_inner_name(block, inside[n])] = new.to(device, inside[n].param.dtype)
+                    del modules[n]
+
+    def _one_pass(self, step, block, i, inside, state, call, sparsity, pattern, done):
+        """True sequential order in one forward, when the calibration is one batch: each
+        target is pruned in a pre-hook, from the Hessian of the input it is about to read
+        (shared with the layers that read the same tensor), and the forward goes on with
+        the pruned weight, so its output is the pruned block's."""
+        device = next(iter(state.values())).device
+        seen: list[tuple[torch.Tensor, object, list[str]]] = []  # (input, prepared, names), inputs held
+        budget = {"bytes": 0}
+
+        def prune_here(module, args, name):
+            x = args[0]
+            entry = next((e for e in seen if e[0] is x), None) if self.share_hessians else None
+            if entry is None:
+                cols = in_features(module)
+                acc_type = acc_dtype(x.dtype)
+                budget["bytes"] += acc_type.itemsize * cols * (1 if self.diagonal else cols)
+                check_budget(budget["bytes"], self.max_memory, device, f"the input Hessians of block {i}",
+                             "prune fewer layers per call (modules=)")
+                acc = LayerHessian(cols, device=device, dtype=acc_type, diagonal=self.diagonal)
+                acc.add(x)
+                if acc.rows < cols and not self.diagonal:
+                    warnings.warn(f"fastprune: {name!r} saw {acc.rows} calibration rows for {cols} input features: "
+                                  "its Hessian is rank-deficient and the damping carries it; use more calibration "
+                                  "data", stacklevel=2)
+                entry = (x, self._prepare(acc.hessian), [])
+                seen.append(entry)
+            entry[2].append(name)
+            new, keep = self._prune_group(step, [name], None, sparsity, pattern, i, entry[1])[name]
+            done[name] = (new, keep)
+            state[_inner_name(block, inside[name])].copy_(new)
+
+        handles = [t.module.register_forward_pre_hook(lambda mod, args, n=n: prune_here(mod, args, n), prepend=True)
+                   for n, t in inside.items()]
+        try:
+            with phase("forward"):
+                out = functional_call(block, state, *call)
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [n for n in inside if n not in done]
+        if missing:
+            raise ValueError(f"the calibration data never reached {missing}: no inputs, so no Hessian; check that "
+                             "these layers run their own forward")
+        for _, _, names in seen:
+            for n in names:
+                self.report[n]["shared_with"] = [m for m in names if m != n]
+        return out
 
 class SparseGPT(_LayerWise):
     """SparseGPT (Frantar & Alistarh, 2023): each Linear is pruned by the column sweep of
@@ -330,10 +410,15 @@ class SparseGPT(_LayerWise):
     def _scores(self, weight, hessian):
         return 0.5 * weight.to(hessian.dtype).square() * hessian.diagonal()
 
-    def _solve(self, rows, hessian, sparsity, pattern):
-        factor = factor_hessian(hessian, self.percdamp)
-        return {n: sparsegpt_prune(w, None, sparsity, pattern, self.block_size, factor=factor)
-                for n, w in rows.items()}
+    def _prepare(self, hessian):
+        return factor_hessian(hessian, self.percdamp)
+
+    @staticmethod
+    def _device_of(factor):
+        return factor.upper.device
+
+    def _apply(self, weight, factor, sparsity, pattern):
+        return sparsegpt_prune(weight, None, sparsity, pattern, self.block_size, factor=factor)
 
     def compensate(self, step, new_masks, context):
         return context["weights"]
@@ -349,8 +434,18 @@ class Wanda(_LayerWise):
         progress: as for :class:`SparseGPT`.
     """
 
-    def _scores(self, weight, hessian):
-        return weight.abs().to(hessian.dtype) * hessian.diagonal().sqrt()
+    diagonal = True
 
-    def _solve(self, rows, hessian, sparsity, pattern):
-        return {n: (*wanda_prune(w, hessian, sparsity, pattern), {}) for n, w in rows.items()}
+    def _scores(self, weight, hessian):
+        return weight.abs().to(hessian.dtype) * hessian.sqrt()
+
+    @staticmethod
+    def _prepare(hessian):
+        return hessian
+
+    @staticmethod
+    def _device_of(diagonal):
+        return diagonal.device
+
+    def _apply(self, weight, diagonal, sparsity, pattern):
+        return (*wanda_prune(weight, diagonal, sparsity, pattern), {})

@@ -27,11 +27,13 @@ __all__ = ["LayerHessian", "HessianFactor", "factor_hessian", "sparsegpt_prune",
 class LayerHessian:
     """H = 2/n sum_i x_i x_i^T over every input row of a layer (the last dim is the
     features; all others are positions), accumulated in ``dtype`` (float32 by default,
-    float64 for a reference)."""
+    float64 for a reference). With ``diagonal=True`` only diag(H) = 2/n sum_i x_i^2 is
+    kept (all Wanda needs: O(cols) memory and work per row instead of O(cols^2))."""
 
-    def __init__(self, columns: int, device=None, dtype: torch.dtype = torch.float32):
+    def __init__(self, columns: int, device=None, dtype: torch.dtype = torch.float32, diagonal: bool = False):
         self.columns = integer(columns, "columns", 1)
-        self.hessian = torch.zeros(columns, columns, device=device, dtype=dtype)
+        shape = (columns,) if diagonal else (columns, columns)
+        self.hessian = torch.zeros(shape, device=device, dtype=dtype)
         self.rows = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -45,7 +47,10 @@ class LayerHessian:
         # A running mean: H stays on the scale of one input row, whatever n grows to.
         total = self.rows + m
         with phase("hessian"):
-            self.hessian.addmm_(x.T, x, beta=self.rows / total, alpha=2.0 / total)
+            if self.hessian.dim() == 1:
+                self.hessian.mul_(self.rows / total).add_(x.square().sum(0), alpha=2.0 / total)
+            else:
+                self.hessian.addmm_(x.T, x, beta=self.rows / total, alpha=2.0 / total)
         self.rows = total
 
 
@@ -148,12 +153,14 @@ def wanda_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float = 0
     ``sparsity`` fraction (or, with ``pattern="N:M"``, keep the N best of every M
     consecutive inputs of each row); no weight update. ``||x_j||`` comes from the
     diagonal of the same Hessian SparseGPT uses (H_jj = 2/n ||x_j||^2, so the ranking is
-    the same), so one calibration pass serves both. Returns ``(new_weight, keep_mask)``;
-    ties keep the lower index."""
-    if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
-        raise ValueError(f"weight must be (rows, cols) and hessian (cols, cols); got {tuple(weight.shape)} and "
-                         f"{tuple(hessian.shape)}")
-    score = weight.detach().abs().to(_ops.acc_dtype(weight.dtype)) * hessian.diagonal().clamp_min(0).sqrt()
+    the same), so one calibration pass serves both; ``hessian`` may also be just that
+    diagonal (cols,). Returns ``(new_weight, keep_mask)``; ties keep the lower index."""
+    cols = weight.shape[-1]
+    if weight.dim() != 2 or hessian.shape not in ((cols, cols), (cols,)):
+        raise ValueError(f"weight must be (rows, cols) and hessian (cols, cols) or its diagonal (cols,); got "
+                         f"{tuple(weight.shape)} and {tuple(hessian.shape)}")
+    diag = hessian if hessian.dim() == 1 else hessian.diagonal()
+    score = weight.detach().abs().to(_ops.acc_dtype(weight.dtype)) * diag.clamp_min(0).sqrt()
     check_finite([("score", score)], "non-finite Wanda scores", "check the calibration activations for overflow")
     rows, cols = score.shape
     if pattern is not None:

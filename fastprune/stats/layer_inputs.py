@@ -52,14 +52,17 @@ class InputHessians:
     joins that module's group (with ``share=False`` every module has its own, summed over
 all its calls). Call :meth:`new_forward` before each forward. With
     ``first=k``, only the first ``k`` groups accumulate (the others are still grouped
-    and ordered), which is what SparseGPT's "true sequential" order needs.
+    and ordered), which is what SparseGPT's "true sequential" order needs. With
+``diagonal=True`` only diag(H) is kept (Wanda).
 
     After the forwards, :attr:`groups` is a list of ``(names, LayerHessian)``.
     """
 
     def __init__(self, modules: dict[str, nn.Module], device, dtype: torch.dtype | None = None,
-                 max_memory: int | None = None, first: int | None = None, share: bool = True):
+                 max_memory: int | None = None, first: int | None = None, share: bool = True,
+                 diagonal: bool = False):
         self.modules, self.device, self.dtype, self.first, self.share = modules, device, dtype, first, share
+        self.diagonal = diagonal
         self.budget = default_max_memory(device) if max_memory is None else max_memory
         self.groups: list[tuple[list[str], LayerHessian | None]] = []
         self._group_of: dict[str, int] = {}
@@ -121,12 +124,12 @@ all its calls). Call :meth:`new_forward` before each forward. With
             cols = in_features(self.modules[name])
             # float32 (float64 for a float64 model), whatever the activations' dtype.
             dtype = self.dtype or acc_dtype(x.dtype if x.is_floating_point() else torch.float32)
-            need = dtype.itemsize * cols * cols
+            need = dtype.itemsize * cols * (1 if self.diagonal else cols)
             check_budget(self._bytes + need, self.budget, torch.device(self.device),
                          f"the input Hessians of {g + 1} layer inputs", "prune fewer layers per call (modules=)")
             self._bytes += need
             with phase("hessian"):
-                acc = LayerHessian(cols, device=self.device, dtype=dtype)
+                acc = LayerHessian(cols, device=self.device, dtype=dtype, diagonal=self.diagonal)
         self.groups.append(([name], acc))
         return g
 
@@ -139,7 +142,7 @@ all its calls). Call :meth:`new_forward` before each forward. With
                              "and that these layers run their own forward (nn.MultiheadAttention's out_proj does "
                              "not: leave it out with modules=)")
         done = [(names, acc) for names, acc in self.groups if acc is not None]
-        short = [names for names, acc in done if acc.rows < acc.columns]
+        short = [names for names, acc in done if acc.rows < acc.columns and not self.diagonal]
         if short:
             warnings.warn(f"fastprune: {short} saw fewer calibration rows than input features: their Hessians are "
                           "rank-deficient and the damping carries them; use more calibration data",
