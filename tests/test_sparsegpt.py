@@ -172,3 +172,15 @@ def test_wanda_prunes_each_row_by_weight_times_input_norm():
     assert bool((kept >= dropped).all())
     with pytest.raises(ValueError, match="multiple of 8"):
         wanda_prune(w, acc.hessian, pattern="4:8")
+
+
+@pytest.mark.parametrize("cols", [7, 383, 384, 577, 1000])
+def test_layer_hessian_panels_equal_one_product(cols):
+    from fastprune.second_order.sparsegpt import LayerHessian
+    gen = torch.Generator().manual_seed(cols)
+    parts = [torch.randn(n, cols, generator=gen, dtype=torch.float64) for n in (50, 3, 90)]
+    acc = LayerHessian(cols, dtype=torch.float64)
+    for x in parts:
+        acc.add(x)
+    x = torch.cat(parts)
+    torch.testing.assert_close(acc.hessian, 2 / len(x) * x.T @ x, rtol=1e-12, atol=1e-12)

@@ -269,7 +269,8 @@ def llm_command(args, argv) -> int:
     evaluations = {"python_docs": llm.evaluation_windows(docs, args.eval_windows, args.seqlen, len(docs) // 2),
                    "datasets": llm.evaluation_windows(other, args.eval_windows, args.seqlen)}
     print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; calibration "
-          f"{tuple(calibration.shape)}, evaluation " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in evaluations.items()))
+          f"{tuple(calibration.shape)}, evaluation "
+          + ", ".join(f"{k} {tuple(v.shape)}" for k, v in evaluations.items()))
     rows = llm.run_llm(model, calibration, evaluations, [m for m in args.methods.split(",") if m],
                        [s for s in args.sparsities.split(",") if s], args.out, progress=not args.quiet)
     print(llm.table(rows))

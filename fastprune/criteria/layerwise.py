@@ -35,6 +35,7 @@ from ..stats.layer_inputs import InputHessians, as_rows, from_rows, in_features,
 from ..targets import DEFAULT_PRUNABLE, has_weight
 from ..validate import integer, optional_integer, real
 from .base import Criterion
+from .block_sparsity import check_block_sparsity, outlier_ratio, owl_allocation, scaled_allocation
 
 __all__ = ["SparseGPT", "Wanda", "layer_hessians", "find_blocks", "block_layers"]
 
@@ -182,12 +183,16 @@ class _LayerWise(Criterion):
     diagonal = False
 
     def __init__(self, nsamples=None, max_memory=None, sequential=True, blocks=None, true_sequential=False,
-                 share_hessians=True, device=None, progress=True):
+                 share_hessians=True, device=None, progress=True, block_sparsity=None, owl_m=5.0, owl_lambda=0.08):
         self.nsamples = optional_integer(nsamples, "nsamples", 1)
         self.max_memory = optional_integer(max_memory, "max_memory", 0, hint=" (bytes)")
         self.sequential, self.blocks, self.true_sequential = bool(sequential), blocks, bool(true_sequential)
         self.share_hessians, self.progress = bool(share_hessians), bool(progress)
         self.device = None if device is None else torch.device(device)
+        self.block_sparsity = check_block_sparsity(block_sparsity)
+        self.owl_m = real(owl_m, "owl_m", 0, low_open=True, hint=" (OWL's M: outliers are above M x the mean)")
+        self.owl_lambda = real(owl_lambda, "owl_lambda", 0, 0.5, high_open=True,
+                               hint=" (OWL's lambda: block sparsities stay within +-lambda of the target)")
         #: What the last pruning did, per target: ``block`` (None outside the blocks),
         #: ``shared_with`` (the targets sharing its Hessian) and, for SparseGPT, ``loss``,
         #: ``percdamp`` and ``dead`` (see ``sparsegpt_prune``); and under
@@ -222,12 +227,18 @@ class _LayerWise(Criterion):
         _check_linear({t.name: t.module for t in step.targets})
         self.report = {"skipped": block_layers(step.model, self.blocks)[1]}
         blocks = find_blocks(step.model, self.blocks) if self.sequential else None
-        done = self._sequential(step, blocks, sparsity, pattern) if blocks is not None else {}
+        if self.sequential and blocks is None:
+            raise ValueError(f"{type(self).__name__}(sequential=True) prunes the model's repeated blocks one after "
+                             "another, but found no nn.ModuleList of same-type layers: name the block list with "
+                             "blocks='...' (an nn.ModuleList or nn.Sequential), or pass sequential=False to prune "
+                             "every target from one pass of the dense model")
+        sparsities = self._sparsities(step, sparsity, pattern)
+        done = self._sequential(step, blocks, sparsities, pattern) if blocks is not None else {}
         rest = {t.name for t in step.targets if t.name not in done}
         if rest:  # outside the blocks: the dense model's Hessians
             for names, h in layer_hessians(step, self.nsamples, self.max_memory, rest, self.share_hessians,
                                            self.diagonal):
-                done.update(self._prune_group(step, names, h, sparsity, pattern, None))
+                done.update(self._prune_group(step, names, h, sparsities, pattern, None))
         masks = {}
         for t in step.targets:
             weight, keep = done[t.name]
@@ -237,7 +248,44 @@ class _LayerWise(Criterion):
             masks[t.name] = keep
         return masks
 
-    def _prune_group(self, step, names, hessian, sparsity, pattern, block, prepared=None) -> dict:
+    def _sparsities(self, step, sparsity, pattern) -> dict[str, float]:
+        """{target: this step's sparsity}: ``sparsity`` everywhere, or per block from
+        ``block_sparsity`` (a list, or OWL from the current model's Wanda metric)."""
+        if self.block_sparsity is None:
+            return {t.name: sparsity for t in step.targets}
+        if pattern is not None:
+            raise ValueError(f"block_sparsity sets unstructured sparsities per block; pattern {pattern!r} keeps the "
+                             "same N of every M in every layer: drop one of them")
+        blocks = find_blocks(step.model, self.blocks)
+        if blocks is None:
+            raise ValueError("block_sparsity needs the model's repeated blocks, and none were found: name them with "
+                             "blocks='...'")
+        of = {t.name: i for t in step.targets for i, b in enumerate(blocks) if any(t.module is m for m in b.modules())}
+        sizes = [sum(t.numel for t in step.targets if of.get(t.name) == i) for i in range(len(blocks))]
+        empty = [i for i, n in enumerate(sizes) if n == 0]
+        if empty:
+            raise ValueError(f"blocks {empty} hold no target, so they cannot take a share of block_sparsity; prune "
+                             "every block's layers (the default modules) or leave block_sparsity out")
+        if self.block_sparsity == "owl":
+            ratios = self._outlier_ratios(step, of, len(blocks))
+            per_block = owl_allocation(ratios, sizes, sparsity, self.owl_lambda)
+            self.report["outlier_ratios"] = ratios
+        else:
+            per_block = scaled_allocation(check_block_sparsity(self.block_sparsity, len(blocks)), sizes, sparsity)
+        self.report["block_sparsity"] = per_block
+        return {t.name: per_block[of[t.name]] if t.name in of else sparsity for t in step.targets}
+
+    def _outlier_ratios(self, step, of, count) -> list[float]:
+        """Each block's OWL outlier ratio, from one pass of the current model."""
+        metrics = [[] for _ in range(count)]
+        modules = {t.name: t.module for t in step.targets}
+        for names, h in layer_hessians(step, self.nsamples, self.max_memory, set(of), self.share_hessians, True):
+            for n in names:
+                w = as_rows(step.params[n], modules[n]).to(h.device)
+                metrics[of[n]].append(w.abs().to(h.dtype) * h.clamp_min(0).sqrt())
+        return [outlier_ratio(m, self.owl_m) for m in metrics]
+
+    def _prune_group(self, step, names, hessian, sparsities, pattern, block, prepared=None) -> dict:
         """{name: (new weight, keep)} for the targets sharing ``hessian`` (or its
         ``prepared`` form)."""
         modules = {t.name: t.module for t in step.targets}
@@ -246,7 +294,7 @@ class _LayerWise(Criterion):
         result = {}
         for n in names:
             w = as_rows(step.params[n], modules[n])
-            new, keep, info = self._apply(w.to(self._device_of(prepared)), prepared, sparsity, pattern)
+            new, keep, info = self._apply(w.to(self._device_of(prepared)), prepared, sparsities[n], pattern)
             result[n] = (from_rows(new, modules[n]).to(w.device), from_rows(keep, modules[n]).to(w.device))
             self.report[n] = {"block": block, "shared_with": [m for m in names if m != n], **info}
         return result
@@ -274,7 +322,7 @@ class _LayerWise(Criterion):
             raise ValueError("the calibration data never reached the model's first block; check data=")
         return calls
 
-    def _sequential(self, step, blocks, sparsity, pattern) -> dict:
+    def _sequential(self, step, blocks, sparsities, pattern) -> dict:
         """Block after block: each block's Hessians from its inputs, its layers pruned, and
         its pruned outputs (computed functionally on a copy of the block's tensors, the
         model untouched) the next block's inputs. With ``device``, the copy is made there."""
@@ -291,16 +339,16 @@ class _LayerWise(Criterion):
                           *block.named_buffers(remove_duplicate=False)]}
                 inside = {t.name: t for t in step.targets if any(t.module is m for m in block.modules())}
                 if self.true_sequential and len(calls) == 1:
-                    out = self._one_pass(step, block, i, inside, state, calls[0], sparsity, pattern, done)
+                    out = self._one_pass(step, block, i, inside, state, calls[0], sparsities, pattern, done)
                     calls = [_next_inputs(*calls[0], out)]
                     continue
-                self._staged(step, block, i, inside, state, calls, sparsity, pattern, done)
+                self._staged(step, block, i, inside, state, calls, sparsities, pattern, done)
                 with phase("forward"):
                     calls = [_next_inputs(args, kwargs, functional_call(block, state, args, kwargs))
                              for args, kwargs in calls]
         return done
 
-    def _staged(self, step, block, i, inside, state, calls, sparsity, pattern, done) -> None:
+    def _staged(self, step, block, i, inside, state, calls, sparsities, pattern, done) -> None:
         """Prunes ``block``'s targets from block forwards over every call: all at once from
         the block as it came, or (true sequential) one input group per forward, each from
         the block with the earlier groups pruned."""
@@ -314,12 +362,12 @@ class _LayerWise(Criterion):
                     stats.new_forward()
                     functional_call(block, state, args, kwargs)
             for names, h in stats.result(stacklevel=6):
-                for n, (new, keep) in self._prune_group(step, names, h, sparsity, pattern, i).items():
+                for n, (new, keep) in self._prune_group(step, names, h, sparsities, pattern, i).items():
                     done[n] = (new, keep)
                     state[_inner_name(block, inside[n])] = new.to(device, inside[n].param.dtype)
                     del modules[n]
 
-    def _one_pass(self, step, block, i, inside, state, call, sparsity, pattern, done):
+    def _one_pass(self, step, block, i, inside, state, call, sparsities, pattern, done):
         """True sequential order in one forward, when the calibration is one batch: each
         target is pruned in a pre-hook, from the Hessian of the input it is about to read
         (shared with the layers that read the same tensor), and the forward goes on with
@@ -346,7 +394,7 @@ class _LayerWise(Criterion):
                 entry = (x, self._prepare(acc.hessian), [])
                 seen.append(entry)
             entry[2].append(name)
-            new, keep = self._prune_group(step, [name], None, sparsity, pattern, i, entry[1])[name]
+            new, keep = self._prune_group(step, [name], None, sparsities, pattern, i, entry[1])[name]
             done[name] = (new, keep)
             state[_inner_name(block, inside[name])].copy_(new)
 
@@ -398,12 +446,21 @@ class SparseGPT(_LayerWise):
         device: where each block is pruned (e.g. ``"cuda"`` for a model kept on CPU);
             default the model's device.
         progress: a progress bar over the blocks.
+        block_sparsity: None (every target at the step's sparsity), a list with one
+            sparsity per block (their relative sizes: scaled so the mean over the
+            prunable weights is the step's sparsity), or ``"owl"``: OWL's allocation,
+            blocks with more outliers of the Wanda metric pruned less (recomputed from the
+            current model at every step).
+        owl_m, owl_lambda: OWL's M (an outlier exceeds M x the block's mean metric; 5 in
+            the paper) and lambda (block sparsities span target +- lambda; 0.08).
     """
 
     def __init__(self, block_size: int = 128, percdamp: float = 0.01, nsamples: int | None = None,
                  max_memory: int | None = None, sequential: bool = True, blocks=None, true_sequential: bool = False,
-                 share_hessians: bool = True, device=None, progress: bool = True):
-        super().__init__(nsamples, max_memory, sequential, blocks, true_sequential, share_hessians, device, progress)
+                 share_hessians: bool = True, device=None, progress: bool = True, block_sparsity=None,
+                 owl_m: float = 5.0, owl_lambda: float = 0.08):
+        super().__init__(nsamples, max_memory, sequential, blocks, true_sequential, share_hessians, device, progress,
+                         block_sparsity, owl_m, owl_lambda)
         self.block_size = integer(block_size, "block_size", 1)
         self.percdamp = real(percdamp, "percdamp", 0, low_open=True)
 
@@ -431,7 +488,7 @@ class Wanda(_LayerWise):
 
     Args:
         nsamples, max_memory, sequential, blocks, true_sequential, share_hessians, device,
-        progress: as for :class:`SparseGPT`.
+        progress, block_sparsity, owl_m, owl_lambda: as for :class:`SparseGPT`.
     """
 
     diagonal = True

@@ -50,8 +50,24 @@ class LayerHessian:
             if self.hessian.dim() == 1:
                 self.hessian.mul_(self.rows / total).add_(x.square().sum(0), alpha=2.0 / total)
             else:
-                self.hessian.addmm_(x.T, x, beta=self.rows / total, alpha=2.0 / total)
+                _add_gram(self.hessian, x, self.rows / total, 2.0 / total)
         self.rows = total
+
+
+def _add_gram(out: torch.Tensor, x: torch.Tensor, beta: float, alpha: float, panel: int = 192) -> None:
+    """out = beta * out + alpha * x^T x, computing only the panels on and above the diagonal
+    (x^T x is symmetric; BLAS syrk is not reachable from torch) and mirroring them: about
+    0.6x the multiply-adds of one addmm for a few hundred columns or more."""
+    cols = x.shape[1]
+    if cols < 2 * panel:
+        out.addmm_(x.T, x, beta=beta, alpha=alpha)
+        return
+    edges = list(range(0, cols, panel)) + [cols]
+    spans = list(zip(edges[:-1], edges[1:]))
+    for i, (a, b) in enumerate(spans):
+        out[a:b, a:].addmm_(x[:, a:b].T, x[:, a:], beta=beta, alpha=alpha)
+        for c, d in spans[:i]:
+            out[a:b, c:d] = out[c:d, a:b].T
 
 
 @dataclass
