@@ -6,7 +6,8 @@
 // For a row-major weight W (rows, cols) and the upper Cholesky factor U of H^-1
 // (H = 2/n X X^T, damped), column block [i1, i2):
 //   mask: unstructured, the k = round(sparsity * rows * count) lowest w^2 / U_jj^2 of
-//         the rows x count tile at the block's start (ties in flat index order);
+//         the rows x count tile at the block's start (ties in flat index order), the
+//         `fixed` weights first (k grows to their count if it must);
 //         N:M, the prune_n lowest of every prune_m columns of each row, chosen when
 //         the sweep reaches the group (on the weights updated so far);
 //   per column j, per row: q = pruned ? 0 : w_j, err = (w_j - q) / U_jj,
@@ -17,11 +18,16 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cmath>
+#include <optional>
 
 namespace fastprune {
 
 inline void check_sweep_inputs(const at::Tensor& w, const at::Tensor& u, int64_t block_size, double sparsity,
-                               int64_t prune_n, int64_t prune_m) {
+                               int64_t prune_n, int64_t prune_m, const std::optional<at::Tensor>& fixed) {
+  TORCH_CHECK(!fixed || (fixed->sizes() == w.sizes() && fixed->scalar_type() == at::kBool &&
+                         fixed->device() == w.device()),
+              "sparsegpt_sweep: fixed must be a bool tensor shaped and placed like the weight");
+  TORCH_CHECK(!fixed || prune_m == 0, "sparsegpt_sweep: fixed weights are for unstructured sweeps (prune_m = 0)");
   TORCH_CHECK(w.dim() == 2 && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble),
               "sparsegpt_sweep: weight must be a 2-D float32 or float64 tensor (rows, cols), got ", w.sizes(), " ",
               w.scalar_type());
@@ -44,8 +50,9 @@ template <typename Kernel>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparsegpt_sweep_impl(const at::Tensor& weight,
                                                                     const at::Tensor& hinv_upper, int64_t block_size,
                                                                     double sparsity, int64_t prune_n, int64_t prune_m,
+                                                                    const std::optional<at::Tensor>& fixed,
                                                                     Kernel kernel) {
-  check_sweep_inputs(weight, hinv_upper, block_size, sparsity, prune_n, prune_m);
+  check_sweep_inputs(weight, hinv_upper, block_size, sparsity, prune_n, prune_m, fixed);
   at::Tensor w = weight.contiguous().clone();
   const at::Tensor u = hinv_upper.contiguous();
   const int64_t rows = w.size(0), cols = w.size(1);
@@ -56,9 +63,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparsegpt_sweep_impl(const at::Te
     const int64_t count = std::min(block_size, cols - i1), i2 = i1 + count;
     if (prune_m == 0) {
       // Half to even, as Python's round and torch.nn.utils.prune count.
-      const int64_t k = static_cast<int64_t>(std::nearbyint(sparsity * static_cast<double>(rows * count)));
+      int64_t k = static_cast<int64_t>(std::nearbyint(sparsity * static_cast<double>(rows * count)));
+      at::Tensor score = (w.narrow(1, i1, count).square() / diag.narrow(0, i1, count).square()).flatten();
+      if (fixed) {
+        // Scores are >= 0, so -1 puts the fixed weights first.
+        const at::Tensor tile = fixed->narrow(1, i1, count).flatten();
+        score.masked_fill_(tile, -1.0);
+        k = std::max(k, tile.sum().item<int64_t>());
+      }
       if (k > 0) {
-        const at::Tensor score = (w.narrow(1, i1, count).square() / diag.narrow(0, i1, count).square()).flatten();
         // fastprune's radix select (kth_smallest), several times faster than kthvalue here.
         static const auto kth = c10::Dispatcher::singleton()
                                     .findSchemaOrThrow("fastprune::kth_smallest", "")

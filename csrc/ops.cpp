@@ -65,9 +65,10 @@ TORCH_LIBRARY(fastprune, m) {
   // factor of the damped inverse layer Hessian (see layer_obs.h): prunes each column block
   // (unstructured when prune_m is 0, else prune_n of every prune_m columns per row), moves
   // the remaining weights by the OBS updates. Returns (weight, keep mask, per-row sum of
-  // (w - q)^2 / [H^-1]_jj over the pruned weights).
+  // (w - q)^2 / [H^-1]_jj over the pruned weights). `fixed` (bool, like weight) marks
+  // weights that must be pruned (an earlier step's), unstructured only.
   m.def("sparsegpt_sweep(Tensor weight, Tensor hinv_upper, int block_size, float sparsity, int prune_n, "
-        "int prune_m) -> (Tensor, Tensor, Tensor)");
+        "int prune_m, Tensor? fixed=None) -> (Tensor, Tensor, Tensor)");
 
   // Frees the host buffers the statistics ops keep for reuse (see buffer_cache.h);
   // returns the bytes released.

@@ -66,7 +66,7 @@ def _lowrank_factor_fake(grads, damp):
 
 
 @torch.library.register_fake("fastprune::sparsegpt_sweep")
-def _sparsegpt_sweep_fake(weight, hinv_upper, block_size, sparsity, prune_n, prune_m):
+def _sparsegpt_sweep_fake(weight, hinv_upper, block_size, sparsity, prune_n, prune_m, fixed=None):
     return torch.empty_like(weight), torch.empty_like(weight, dtype=torch.bool), weight.new_empty(weight.shape[0])
 
 
@@ -145,14 +145,17 @@ def lowrank_factor(grads: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def sparsegpt_sweep(weight: torch.Tensor, hinv_upper: torch.Tensor, block_size: int = 128, sparsity: float = 0.0,
-                    prune_n: int = 0, prune_m: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    prune_n: int = 0, prune_m: int = 0, fixed: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SparseGPT's column sweep of ``weight`` (rows, cols) with ``hinv_upper``, the upper
     Cholesky factor of the damped inverse layer Hessian: unstructured at ``sparsity``
     per column block when ``prune_m`` is 0, else ``prune_n`` pruned of every ``prune_m``
     columns of each row. Returns the updated weight (pruned entries 0), the keep mask and
-    each row's sum of (w - q)^2 / [H^-1]_jj; float32 or float64."""
+    each row's sum of (w - q)^2 / [H^-1]_jj; float32 or float64. ``fixed`` (bool, like
+    ``weight``) marks weights pruned whatever their score (an earlier step's mask);
+    a block prunes at least those."""
     return torch.ops.fastprune.sparsegpt_sweep(weight, hinv_upper, int(block_size), float(sparsity), int(prune_n),
-                                               int(prune_m))
+                                               int(prune_m), fixed)
 
 
 def masked_sgd_(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: torch.Tensor | None,

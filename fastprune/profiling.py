@@ -21,8 +21,9 @@ __all__ = ["phase_times", "phase", "timed", "PHASES"]
 #: The phases reported: per-sample statistics (Fisher diagonals, blocks, per-sample
 #: gradients), Fisher inverses, and OBS weight updates; for the layer-wise criteria,
 #: calibration forwards (``forward``, which includes ``hessian``, the input Hessians'
-#: accumulation), the damped inverse factors (``cholesky``) and SparseGPT's ``sweep``.
-PHASES = ("stats", "inverse", "update", "forward", "hessian", "cholesky", "sweep")
+#: accumulation), the damped inverse factors (``cholesky``), SparseGPT's ``sweep`` and
+#: its optional least-squares ``refit``.
+PHASES = ("stats", "inverse", "update", "forward", "hessian", "cholesky", "sweep", "refit")
 
 _collectors: list[dict[str, float]] = []
 

@@ -91,3 +91,24 @@ def test_bad_block_sparsity_changes_nothing(calib):
     with pytest.raises(ValueError, match="outside"):
         fastprune.prune(model, Wanda(block_sparsity=[0.1, 0.1, 0.1, 0.9]), 0.8, data=calib, progress=False)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_several_steps_recalibrate_and_keep_earlier_pruning(calib):
+    # Two steps of the geometric schedule: the second sweeps with the first step's zeros
+    # fixed, from the pruned model's own activations.
+    model = llama()
+    pruner = fastprune.Pruner(model, SparseGPT(block_size=8, progress=False), 0.6, data=[calib], steps=2)
+    first = pruner.step()
+    second = pruner.step()
+    for name, keep in second.items():
+        assert not bool((keep & ~first[name]).any()), name
+        assert float((~keep).float().mean()) == pytest.approx(0.6, abs=0.02), name
+
+
+def test_refit_lowers_each_layers_reconstruction_error(calib):
+    model = llama()
+    crit = SparseGPT(block_size=8, refit_iters=30, progress=False)
+    fastprune.prune(model, crit, 0.6, data=calib, progress=False)
+    layers = [n for n in crit.report if n.endswith(".weight")]
+    assert layers and all(crit.report[n]["error"] <= crit.report[n]["error_sweep"] * (1 + 1e-9) for n in layers)
+    assert sum(crit.report[n]["error"] for n in layers) < 0.99 * sum(crit.report[n]["error_sweep"] for n in layers)

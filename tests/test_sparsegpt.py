@@ -7,11 +7,12 @@ from fastprune import _ops
 from fastprune.second_order.sparsegpt import LayerHessian, sparsegpt_prune
 
 
-def reference_sweep(w, u, block, sparsity, prune_n=0, prune_m=0):
+def reference_sweep(w, u, block, sparsity, prune_n=0, prune_m=0, fixed=None):
     """Algorithm 1 of the SparseGPT paper, one column at a time (float64, no vectorisation
     across columns): the mask of each block from w^2 / U_jj^2 (exact count, ties in
     flat order; N:M per group when the sweep reaches it), then per column the OBS error
-    and the update of the later columns of the block, then the lazy update."""
+    and the update of the later columns of the block, then the lazy update. ``fixed``
+    weights are pruned first in their block (more than k if there are more of them)."""
     w = w.clone()
     rows, cols = w.shape
     pruned = torch.zeros(rows, cols, dtype=torch.bool)
@@ -23,7 +24,9 @@ def reference_sweep(w, u, block, sparsity, prune_n=0, prune_m=0):
         if prune_m == 0:
             k = round(sparsity * rows * count)  # half to even, as the op
             score = (w[:, i1:i2] ** 2 / u.diagonal()[i1:i2] ** 2).flatten()
-            order = sorted(range(len(score)), key=lambda i: (float(score[i]), i))
+            forced = torch.zeros(len(score), dtype=torch.bool) if fixed is None else fixed[:, i1:i2].flatten()
+            k = max(k, int(forced.sum()))
+            order = sorted(range(len(score)), key=lambda i: (not bool(forced[i]), float(score[i]), i))
             flat = torch.zeros(len(score), dtype=torch.bool)
             flat[order[:k]] = True
             pruned[:, i1:i2] = flat.view(rows, count)
@@ -62,6 +65,26 @@ def test_unstructured_sweep_matches_the_transcription(rows, cols, block, sparsit
     torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-12)
     assert torch.equal(got[1], want[1])
     torch.testing.assert_close(got[2], want[2], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("share", [0.1, 0.4, 0.7])
+def test_fixed_weights_are_pruned_first(share):
+    # An earlier step's mask: those weights stay pruned, and the OBS updates move the rest.
+    _, u = hessian_factor(21)
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(6, 21, dtype=torch.float64, generator=gen)
+    fixed = torch.rand(6, 21, generator=gen) < share
+    w[fixed] = 0
+    got = _ops.sparsegpt_sweep(w, u, 8, 0.5, fixed=fixed)
+    want = reference_sweep(w, u, 8, 0.5, fixed=fixed)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-12)
+    assert torch.equal(got[1], want[1]) and not bool((got[1] & fixed).any())
+    _, u24 = hessian_factor(24)
+    with pytest.raises(RuntimeError, match="unstructured"):
+        _ops.sparsegpt_sweep(torch.randn(6, 24, dtype=torch.float64), u24, 8, 0.0, 2, 4,
+                             fixed=torch.zeros(6, 24, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="shaped and placed"):
+        _ops.sparsegpt_sweep(w, u, 8, 0.5, fixed=torch.zeros(6, 20, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("pattern", [(2, 4), (4, 8), (1, 4)])
@@ -184,3 +207,21 @@ def test_layer_hessian_panels_equal_one_product(cols):
         acc.add(x)
     x = torch.cat(parts)
     torch.testing.assert_close(acc.hessian, 2 / len(x) * x.T @ x, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.6])
+def test_refit_reaches_the_least_squares_weights_of_the_mask(sparsity):
+    from fastprune.second_order.sparsegpt import factor_hessian, reconstruction_error, refit
+    h, _ = hessian_factor(19, n=60, seed=4)
+    w = torch.randn(9, 19, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    new, keep, info = sparsegpt_prune(w, h, sparsity, block_size=8, refit_iters=200)
+    damped = factor_hessian(h, 0.01).hessian
+    for r in range(9):  # the row's normal equations on its kept set, solved directly
+        k = keep[r]
+        want = torch.zeros(19, dtype=torch.float64)
+        want[k] = torch.linalg.solve(damped[k][:, k], (damped @ w[r])[k])
+        torch.testing.assert_close(new[r], want, rtol=1e-7, atol=1e-9)
+    assert info["error"] <= info["error_sweep"] + 1e-12
+    assert info["error"] == pytest.approx(reconstruction_error(w, new, damped))
+    again = refit(w, damped, keep, start=None, iters=200)
+    torch.testing.assert_close(again, new, rtol=1e-7, atol=1e-9)

@@ -110,8 +110,9 @@ void sweep_block_cpu(at::Tensor& w, const at::Tensor& u, at::Tensor& pruned, at:
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparsegpt_sweep_cpu(const at::Tensor& weight, const at::Tensor& hinv,
                                                                    int64_t block_size, double sparsity,
-                                                                   int64_t prune_n, int64_t prune_m) {
-  return sparsegpt_sweep_impl(weight, hinv, block_size, sparsity, prune_n, prune_m, sweep_block_cpu);
+                                                                   int64_t prune_n, int64_t prune_m,
+                                                                   const std::optional<at::Tensor>& fixed) {
+  return sparsegpt_sweep_impl(weight, hinv, block_size, sparsity, prune_n, prune_m, fixed, sweep_block_cpu);
 }
 
 }  // namespace

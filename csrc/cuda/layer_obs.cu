@@ -66,9 +66,10 @@ void sweep_block_cuda(at::Tensor& w, const at::Tensor& u, at::Tensor& pruned, at
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparsegpt_sweep_cuda(const at::Tensor& weight, const at::Tensor& hinv,
                                                                     int64_t block_size, double sparsity,
-                                                                    int64_t prune_n, int64_t prune_m) {
+                                                                    int64_t prune_n, int64_t prune_m,
+                                                                    const std::optional<at::Tensor>& fixed) {
   const c10::cuda::CUDAGuard guard(weight.device());
-  return sparsegpt_sweep_impl(weight, hinv, block_size, sparsity, prune_n, prune_m, sweep_block_cuda);
+  return sparsegpt_sweep_impl(weight, hinv, block_size, sparsity, prune_n, prune_m, fixed, sweep_block_cuda);
 }
 
 }  // namespace

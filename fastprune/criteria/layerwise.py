@@ -294,7 +294,9 @@ class _LayerWise(Criterion):
         result = {}
         for n in names:
             w = as_rows(step.params[n], modules[n])
-            new, keep, info = self._apply(w.to(self._device_of(prepared)), prepared, sparsities[n], pattern)
+            old = step.masks.get(n)
+            fixed = None if old is None else ~as_rows(old, modules[n]).bool().to(self._device_of(prepared))
+            new, keep, info = self._apply(w.to(self._device_of(prepared)), prepared, sparsities[n], pattern, fixed)
             result[n] = (from_rows(new, modules[n]).to(w.device), from_rows(keep, modules[n]).to(w.device))
             self.report[n] = {"block": block, "shared_with": [m for m in names if m != n], **info}
         return result
@@ -453,14 +455,21 @@ class SparseGPT(_LayerWise):
             current model at every step).
         owl_m, owl_lambda: OWL's M (an outlier exceeds M x the block's mean metric; 5 in
             the paper) and lambda (block sparsities span target +- lambda; 0.08).
+        refit_iters: after each layer's sweep, up to this many conjugate-gradient
+            iterations towards the least-squares optimal kept weights for its mask
+            (:func:`fastprune.second_order.sparsegpt.refit`; 0: the paper's weights).
+
+    With ``steps > 1`` in ``fastprune.prune``, every step recalibrates on the pruned
+    model and sweeps with the earlier steps' pruned weights fixed (compensated again).
     """
 
     def __init__(self, block_size: int = 128, percdamp: float = 0.01, nsamples: int | None = None,
                  max_memory: int | None = None, sequential: bool = True, blocks=None, true_sequential: bool = False,
                  share_hessians: bool = True, device=None, progress: bool = True, block_sparsity=None,
-                 owl_m: float = 5.0, owl_lambda: float = 0.08):
+                 owl_m: float = 5.0, owl_lambda: float = 0.08, refit_iters: int = 0):
         super().__init__(nsamples, max_memory, sequential, blocks, true_sequential, share_hessians, device, progress,
                          block_sparsity, owl_m, owl_lambda)
+        self.refit_iters = integer(refit_iters, "refit_iters", 0)
         self.block_size = integer(block_size, "block_size", 1)
         self.percdamp = real(percdamp, "percdamp", 0, low_open=True)
 
@@ -474,8 +483,9 @@ class SparseGPT(_LayerWise):
     def _device_of(factor):
         return factor.upper.device
 
-    def _apply(self, weight, factor, sparsity, pattern):
-        return sparsegpt_prune(weight, None, sparsity, pattern, self.block_size, factor=factor)
+    def _apply(self, weight, factor, sparsity, pattern, fixed):
+        return sparsegpt_prune(weight, None, sparsity, pattern, self.block_size, factor=factor, fixed=fixed,
+                               refit_iters=self.refit_iters)
 
     def compensate(self, step, new_masks, context):
         return context["weights"]
@@ -504,5 +514,6 @@ class Wanda(_LayerWise):
     def _device_of(diagonal):
         return diagonal.device
 
-    def _apply(self, weight, diagonal, sparsity, pattern):
+    def _apply(self, weight, diagonal, sparsity, pattern, fixed):
+        # An earlier step's zeros score 0 and go first; the caller keeps them pruned.
         return (*wanda_prune(weight, diagonal, sparsity, pattern), {})

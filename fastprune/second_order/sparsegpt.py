@@ -21,7 +21,8 @@ from ..profiling import phase, timed
 from ..select import parse_pattern
 from ..validate import integer, real
 
-__all__ = ["LayerHessian", "HessianFactor", "factor_hessian", "sparsegpt_prune", "wanda_prune"]
+__all__ = ["LayerHessian", "HessianFactor", "factor_hessian", "sparsegpt_prune", "refit", "reconstruction_error",
+           "wanda_prune"]
 
 
 class LayerHessian:
@@ -74,12 +75,14 @@ def _add_gram(out: torch.Tensor, x: torch.Tensor, beta: float, alpha: float, pan
 class HessianFactor:
     """What SparseGPT's sweep needs from one input Hessian, computed once and shared by
     every layer reading that input (q/k/v, gate/up): ``upper`` with
-    ``upper^T upper = (H + damp I)^-1``, the ``dead`` inputs (always 0), and the
-    ``percdamp`` that made H + damp I positive definite."""
+    ``upper^T upper = (H + damp I)^-1``, the ``dead`` inputs (always 0), the
+    ``percdamp`` that made H + damp I positive definite, and ``hessian``, H + damp I
+    itself (for :func:`refit`)."""
 
     upper: torch.Tensor
     dead: torch.Tensor
     percdamp: float
+    hessian: torch.Tensor
 
 
 @timed("cholesky")
@@ -105,7 +108,7 @@ def factor_hessian(hessian: torch.Tensor, percdamp: float = 0.01, tries: int = 4
                 if damp != percdamp:
                     warnings.warn(f"fastprune: the layer Hessian needed percdamp={damp:g} (asked {percdamp:g}) to "
                                   "be positive definite", stacklevel=3)
-                return HessianFactor(upper, dead, damp)
+                return HessianFactor(upper, dead, damp, damped)
         damp *= 10
     raise RuntimeError(f"the layer Hessian is not positive definite even with percdamp={damp / 10:g}; the "
                        "calibration inputs may be degenerate (all zero, or NaN-free but tiny): use more or other "
@@ -114,7 +117,8 @@ def factor_hessian(hessian: torch.Tensor, percdamp: float = 0.01, tries: int = 4
 
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor | None, sparsity: float = 0.5,
                     pattern: str | None = None, block_size: int = 128, percdamp: float = 0.01,
-                    factor: HessianFactor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                    factor: HessianFactor | None = None, fixed: torch.Tensor | None = None, refit_iters: int = 0
+                    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Prunes ``weight`` (rows, cols) of a layer with input Hessian ``hessian`` (cols, cols).
 
     Args:
@@ -126,13 +130,20 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor | None, sparsity
             raised tenfold, up to three times, if H + damp I is not positive definite.
         factor: :func:`factor_hessian` of ``hessian``, when several layers share it
             (``hessian`` may then be None; ``percdamp`` is the factor's).
+        fixed: bool (rows, cols), weights already pruned (an earlier step's mask): they
+            stay pruned, and the sweep compensates for them like for the others.
+        refit_iters: after the sweep, up to this many conjugate-gradient iterations of
+            :func:`refit` (0: none), which solve for the least-squares optimal kept
+            weights of the chosen mask.
 
     Returns:
         ``(new_weight, keep_mask, info)``: the weight with pruned entries 0 and the rest
         updated, in the weight's dtype; the bool keep mask; ``info`` with ``loss`` (the
         reconstruction error sum of the sweep, 1/2 sum (w - q)^2 / [H^-1]_jj),
-        ``percdamp`` (the damping used) and ``dead`` (columns whose inputs were all zero:
-        their weights are pruned, as in the reference).
+        ``percdamp`` (the damping used), ``dead`` (columns whose inputs were all zero:
+        their weights are pruned, as in the reference) and ``error``, the layer's
+        reconstruction error tr((W - W') H (W - W')^T) / 2 on the damped H (with a refit,
+        also ``error_sweep``, before it).
     """
     cols = weight.shape[-1]
     if factor is None:
@@ -156,11 +167,63 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor | None, sparsity
         sparsity = real(sparsity, "sparsity", 0, 1, high_open=True)
     w = weight.detach().to(factor.upper.dtype, copy=True)
     w[:, factor.dead] = 0.0  # an input that is always 0: its weights do nothing and go first
+    if fixed is not None:
+        fixed = fixed.to(w.device, torch.bool)
+        if pattern is not None:
+            fixed = None  # an N:M step prunes in one go: nothing earlier to keep
     with phase("sweep"):
-        new, keep, losses = _ops.sparsegpt_sweep(w, factor.upper, block_size, sparsity, prune_n, prune_m)
+        new, keep, losses = _ops.sparsegpt_sweep(w, factor.upper, block_size, sparsity, prune_n, prune_m, fixed)
     keep &= ~factor.dead.unsqueeze(0)
-    info = {"loss": float(losses.sum()) / 2, "percdamp": factor.percdamp, "dead": int(factor.dead.sum())}
-    return (new * keep).to(weight.dtype), keep, info
+    new = new * keep
+    info = {"loss": float(losses.sum()) / 2, "percdamp": factor.percdamp, "dead": int(factor.dead.sum()),
+            "error": reconstruction_error(w, new, factor.hessian)}
+    if refit_iters:
+        info["error_sweep"] = info["error"]
+        new = refit(w, factor.hessian, keep, new, refit_iters)
+        info["error"] = reconstruction_error(w, new, factor.hessian)
+    return new.to(weight.dtype), keep, info
+
+
+def reconstruction_error(weight: torch.Tensor, new: torch.Tensor, hessian: torch.Tensor) -> float:
+    """tr((W - W') H (W - W')^T) / 2: half the squared error of the layer's outputs over
+    the calibration inputs (times 2/n), for input Hessian H."""
+    d = weight - new
+    return float((d @ hessian * d).sum()) / 2
+
+
+@timed("refit")
+def refit(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, start: torch.Tensor | None = None,
+          iters: int = 50, tol: float | None = None) -> torch.Tensor:
+    """The kept weights that best reconstruct the layer's outputs for a fixed mask:
+    per row r, min ||(w_r - w'_r) X||^2 over w'_r zero outside ``keep[r]``, i.e. the
+    normal equations H_KK w'_K = (H w_r)_K on the row's kept set K. Every row is solved
+    at once by Jacobi-preconditioned conjugate gradients (one (rows, cols) x H product
+    per iteration), from ``start`` (e.g. SparseGPT's weights) for ``iters`` iterations or
+    until every row's residual is below ``tol`` (relative; default 1e-6 in float32,
+    1e-10 in float64). SparseGPT's sequential updates are optimal only for the columns
+    not yet swept; this recovers the rest."""
+    keep = keep.to(weight.dtype)
+    tol = (1e-10 if weight.dtype == torch.float64 else 1e-6) if tol is None else tol
+    inv_diag = 1.0 / hessian.diagonal()
+    b = (weight @ hessian) * keep
+    x = (weight * keep if start is None else start * keep).clone()
+    r = b - (x @ hessian) * keep
+    z = r * inv_diag
+    p = z.clone()
+    rz = (r * z).sum(1, keepdim=True)
+    stop = tol * tol * (b * b).sum(1, keepdim=True).clamp_min(torch.finfo(b.dtype).tiny)
+    for _ in range(iters):
+        if bool(((r * r).sum(1, keepdim=True) <= stop).all()):
+            break
+        ap = (p @ hessian) * keep
+        alpha = rz / (p * ap).sum(1, keepdim=True).clamp_min(torch.finfo(b.dtype).tiny)
+        x.add_(alpha * p)
+        r.sub_(alpha * ap)
+        z = r * inv_diag
+        rz_next = (r * z).sum(1, keepdim=True)
+        p.mul_(rz_next / rz.clamp_min(torch.finfo(b.dtype).tiny)).add_(z)
+        rz = rz_next
+    return x * keep
 
 
 def wanda_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float = 0.5, pattern: str | None = None
