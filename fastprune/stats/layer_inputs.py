@@ -60,9 +60,9 @@ all its calls). Call :meth:`new_forward` before each forward. With
 
     def __init__(self, modules: dict[str, nn.Module], device, dtype: torch.dtype | None = None,
                  max_memory: int | None = None, first: int | None = None, share: bool = True,
-                 diagonal: bool = False):
+                 diagonal: bool = False, group=None):
         self.modules, self.device, self.dtype, self.first, self.share = modules, device, dtype, first, share
-        self.diagonal = diagonal
+        self.diagonal, self.group = diagonal, group
         self.budget = default_max_memory(device) if max_memory is None else max_memory
         self.groups: list[tuple[list[str], LayerHessian | None]] = []
         self._group_of: dict[str, int] = {}
@@ -134,7 +134,8 @@ all its calls). Call :meth:`new_forward` before each forward. With
         return g
 
     def result(self, stacklevel: int = 3) -> list[tuple[list[str], torch.Tensor]]:
-        """``[(names, H)]`` of the accumulated groups, checked: every module reached, and a
+        """``[(names, H)]`` of the accumulated groups, over every rank of ``group`` (each
+        ran its own share of the calibration data), checked: every module reached, and a
         warning for Hessians from fewer rows than columns."""
         missing = [n for n in self.modules if n not in self._group_of]
         if missing:
@@ -142,6 +143,8 @@ all its calls). Call :meth:`new_forward` before each forward. With
                              "and that these layers run their own forward (nn.MultiheadAttention's out_proj does "
                              "not: leave it out with modules=)")
         done = [(names, acc) for names, acc in self.groups if acc is not None]
+        for _, acc in done:  # the same groups in the same order on every rank: the same blocks ran
+            acc.all_reduce(self.group)
         short = [names for names, acc in done if acc.rows < acc.columns and not self.diagonal]
         if short:
             warnings.warn(f"fastprune: {short} saw fewer calibration rows than input features: their Hessians are "
