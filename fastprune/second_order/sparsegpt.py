@@ -240,8 +240,9 @@ def refit(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, start
 def wanda_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float = 0.5, pattern: str | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Wanda (Sun et al., 2024): score |W_ij| * ||x_j|| and prune each output row's lowest
-    ``sparsity`` fraction (floor(sparsity * cols) weights) (or, with ``pattern="N:M"``, keep the N best of every M
-    consecutive inputs of each row); no weight update. ``||x_j||`` comes from the
+    ``sparsity`` fraction (floor(sparsity * cols) weights, as the reference), or, with
+    ``pattern="N:M"``, keep the N best of every M consecutive inputs of each row; no
+    weight update. ``||x_j||`` comes from the
     diagonal of the same Hessian SparseGPT uses (H_jj = 2/n ||x_j||^2, so the ranking is
     the same), so one calibration pass serves both; ``hessian`` may also be just that
     diagonal (cols,). Returns ``(new_weight, keep_mask)``; ties keep the lower index."""
