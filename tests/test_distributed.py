@@ -1,16 +1,13 @@
 """torch.distributed: statistics over 2 Gloo processes (spawned here, 127.0.0.1 only)
 equal the single-process statistics of the union of their data; pruning a DDP model
 leaves identical masks and weights on every rank; collections resume; budgets hold."""
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import fastprune
+from gloo import run_ranks
 from fastprune.criteria import QM, Magnitude, WoodFisher, WoodTaylor
 
 WORLD = 2
@@ -107,24 +104,13 @@ def woodfisher_union(rank):
     return {"union": out, "sharded": sharded, "budget": budget}
 
 
-def _worker(rank, port, out_dir):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
-    try:
-        torch.save({"statistics": statistics(rank), "ddp": ddp_prune(rank), "woodfisher": woodfisher_union(rank)},
-                   os.path.join(out_dir, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _job(rank):
+    return {"statistics": statistics(rank), "ddp": ddp_prune(rank), "woodfisher": woodfisher_union(rank)}
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ranks")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_ranks(_job, tmp_path_factory.mktemp("ranks"), WORLD)
 
 
 def test_statistics_equal_single_process_on_the_union(ranks):

@@ -65,26 +65,35 @@ def rows(module, weight):
     return weight.T if isinstance(module, Conv1D) else weight
 
 
+def gather_inputs(model, names, batches):
+    """{name: every input row of that layer} over the model's own forwards of ``batches``
+    (dicts of keyword arguments)."""
+    xs = {n: [] for n in names}
+    hooks = [model.get_submodule(n).register_forward_hook(
+        lambda mod, a, o, n=n: xs[n].append(a[0].reshape(-1, a[0].shape[-1]))) for n in names]
+    extra = {"use_cache": False} if "use_cache" in model.forward.__code__.co_varnames else {}
+    with torch.no_grad():
+        for b in batches:
+            model(**b, **extra)
+    for h in hooks:
+        h.remove()
+    return {n: torch.cat(parts) for n, parts in xs.items()}
+
+
+def prune_by_hand(model, names, batches, solve):
+    """Each named layer pruned by ``solve(weight (out, in), 2/n X^T X)`` and written."""
+    for n, x in gather_inputs(model, names, batches).items():
+        m = model.get_submodule(n)
+        with torch.no_grad():
+            m.weight.copy_(rows(m, solve(rows(m, m.weight), 2 / len(x) * x.T @ x)))
+
+
 def by_hand(model, calib, layers, solve):
-    """Block after block: hooks on the block's layers during the model's own forwards,
-    then each layer pruned from 2/n X^T X and written before the next block."""
-    blocks = find_blocks(model)
-    for block in blocks:
-        mine = {n: model.get_submodule(n) for n in layers if any(model.get_submodule(n) is m for m in block.modules())}
-        xs = {n: [] for n in mine}
-        hooks = [m.register_forward_hook(lambda mod, a, o, n=n: xs[n].append(a[0].reshape(-1, a[0].shape[-1])))
-                 for n, m in mine.items()]
-        with torch.no_grad():
-            for b in calib:
-                model(input_ids=b, use_cache=False) if "use_cache" in model.forward.__code__.co_varnames else \
-                    model(input_ids=b)
-        for h in hooks:
-            h.remove()
-        with torch.no_grad():
-            for n, m in mine.items():
-                x = torch.cat(xs[n])
-                new = solve(rows(m, m.weight), 2 / len(x) * x.T @ x)
-                m.weight.copy_(rows(m, new))
+    """Block after block: the block's layers pruned from their inputs in the model's own
+    forward, written before the next block."""
+    for block in find_blocks(model):
+        mine = [n for n in layers if any(model.get_submodule(n) is m for m in block.modules())]
+        prune_by_hand(model, mine, [{"input_ids": b} for b in calib], solve)
     return model
 
 
@@ -177,19 +186,8 @@ def test_true_sequential_matches_a_stage_by_stage_reference(calib):
 
 
 def by_hand_stage(model, calib, names):
-    xs = {n: [] for n in names}
-    hooks = [model.get_submodule(n).register_forward_hook(
-        lambda mod, a, o, n=n: xs[n].append(a[0].reshape(-1, a[0].shape[-1]))) for n in names]
-    with torch.no_grad():
-        for b in calib:
-            model(input_ids=b, use_cache=False)
-    for h in hooks:
-        h.remove()
-    with torch.no_grad():
-        for n in names:
-            x = torch.cat(xs[n])
-            m = model.get_submodule(n)
-            m.weight.copy_(sparsegpt_prune(m.weight, 2 / len(x) * x.T @ x, 0.5, block_size=8)[0])
+    prune_by_hand(model, names, [{"input_ids": b} for b in calib],
+                  lambda w, h: sparsegpt_prune(w, h, 0.5, block_size=8)[0])
 
 
 def test_dict_batches_with_attention_mask_and_padding(calib):
@@ -202,21 +200,10 @@ def test_dict_batches_with_attention_mask_and_padding(calib):
         batches.append({"input_ids": b, "attention_mask": mask, "labels": b})
     fastprune.prune(model, Wanda(progress=False), 0.5, data=batches, progress=False)
     layers = block_layers(ref)[0]
+    inputs = [{k: v for k, v in b.items() if k != "labels"} for b in batches]
     for block in find_blocks(ref):
         mine = [n for n in layers if any(ref.get_submodule(n) is m for m in block.modules())]
-        xs = {n: [] for n in mine}
-        hooks = [ref.get_submodule(n).register_forward_hook(
-            lambda mod, a, o, n=n: xs[n].append(a[0].reshape(-1, a[0].shape[-1]))) for n in mine]
-        with torch.no_grad():
-            for b in batches:
-                ref(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
-        for h in hooks:
-            h.remove()
-        with torch.no_grad():
-            for n in mine:
-                x = torch.cat(xs[n])
-                m = ref.get_submodule(n)
-                m.weight.copy_(wanda_prune(m.weight, 2 / len(x) * x.T @ x, 0.5)[0])
+        prune_by_hand(ref, mine, inputs, lambda w, h: wanda_prune(w, h, 0.5)[0])
     for n in layers:
         torch.testing.assert_close(model.get_submodule(n).weight.detach(), ref.get_submodule(n).weight.detach(),
                                    rtol=1e-7, atol=1e-9, msg=n)

@@ -1,15 +1,12 @@
 """Layer-wise pruning over 2 Gloo processes (spawned here, 127.0.0.1 only): each rank
 calibrates on half of the sequences, and every rank ends with the masks and weights one
 process gets on all of them; ranks that disagree fail before any weight changes."""
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fastprune
+from gloo import run_ranks
 from fastprune.criteria import SparseGPT, Wanda
 
 transformers = pytest.importorskip("transformers")
@@ -36,33 +33,23 @@ def pruned(kind, data, sparsity=0.5):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def _worker(rank, port, out_dir):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
-    try:
-        mine = sequences()[rank::WORLD]
-        out = {kind: pruned(kind, mine if kind == "sparsegpt-ts" else list(mine.split(2))) for kind in CONFIGS}
-        model = llama()
-        before = {k: v.clone() for k, v in model.state_dict().items()}
-        try:  # rank 1 asks for another sparsity: both ranks refuse, the model unchanged
-            fastprune.prune(model, SparseGPT(progress=False), 0.5 + 0.1 * rank, data=mine, progress=False)
-            out["disagree"] = "no error"
-        except ValueError as e:
-            out["disagree"] = str(e)
-        out["unchanged"] = all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-        torch.save(out, os.path.join(out_dir, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _job(rank):
+    mine = sequences()[rank::WORLD]
+    out = {kind: pruned(kind, mine if kind == "sparsegpt-ts" else list(mine.split(2))) for kind in CONFIGS}
+    model = llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    try:  # rank 1 asks for another sparsity: both ranks refuse, the model unchanged
+        fastprune.prune(model, SparseGPT(progress=False), 0.5 + 0.1 * rank, data=mine, progress=False)
+        out["disagree"] = "no error"
+    except ValueError as e:
+        out["disagree"] = str(e)
+    out["unchanged"] = all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    return out
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ranks")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_ranks(_job, tmp_path_factory.mktemp("ranks"), WORLD)
 
 
 @pytest.mark.parametrize("kind", list(CONFIGS))
