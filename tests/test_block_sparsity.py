@@ -68,11 +68,12 @@ def test_owl_prunes_blocks_with_more_outliers_less(calib):
     crit = Wanda(block_sparsity="owl", owl_lambda=0.1, progress=False)
     fastprune.prune(model, crit, 0.6, data=calib, progress=False)
     got = block_sparsities(model)
-    assert crit.report["block_sparsity"] == pytest.approx(got, abs=0.02)
+    # Wanda prunes floor(s * cols) of each row: up to 1/32 below the allocation here.
+    assert all(0 <= a - g < 1 / 32 + 1e-9 for a, g in zip(crit.report["block_sparsity"], got))
     assert got[2] == pytest.approx(min(got), abs=1e-9) and got[2] < 0.6 - 0.05
-    assert max(got) - min(got) == pytest.approx(0.2, abs=0.02)
+    assert max(crit.report["block_sparsity"]) - min(crit.report["block_sparsity"]) == pytest.approx(0.2)
     report = fastprune.sparsity_report(model, modules=block_layers(model)[0], print_table=False)
-    assert report["global"]["sparsity"] == pytest.approx(0.6, abs=0.01)
+    assert report["global"]["sparsity"] == pytest.approx(0.6, abs=1 / 32)
 
 
 def test_bad_block_sparsity_changes_nothing(calib):

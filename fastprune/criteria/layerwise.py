@@ -138,18 +138,33 @@ def _check_linear(modules: dict) -> None:
 
 
 def layer_hessians(step, nsamples: int | None = None, max_memory: int | None = None, names=None,
-                   share: bool = True, diagonal: bool = False, group=None) -> list[tuple[list[str], torch.Tensor]]:
+                   share: bool = True, diagonal: bool = False, group=None, stop_after: nn.Module | None = None
+                   ) -> list[tuple[list[str], torch.Tensor]]:
     """``[(target names, H of their common input)]`` from one no-grad pass of the model
     over ``step.data`` (its first ``nsamples`` batches), for the targets in ``names``
-    (default: all); with ``diagonal``, diag(H) only."""
+    (default: all); with ``diagonal``, diag(H) only. Each forward ends after
+    ``stop_after`` when given (the last module that holds a target: the LM head's logits
+    are neither needed nor computed)."""
     modules = {t.name: t.module for t in step.targets if names is None or t.name in names}
     _check_linear(modules)
     device = model_device(step.model)
-    with InputHessians(modules, device, max_memory=max_memory, share=share, diagonal=diagonal, group=group) as stats, \
-            _observable(), phase("forward"):
-        for x in _calibration_inputs(step.data, nsamples):
-            stats.new_forward()
-            _run_model(step.model, x, device)
+
+    def stop(module, args, out):
+        raise _Stop
+
+    handle = None if stop_after is None else stop_after.register_forward_hook(stop)
+    try:
+        with InputHessians(modules, device, max_memory=max_memory, share=share, diagonal=diagonal,
+                           group=group) as stats, _observable(), phase("forward"):
+            for x in _calibration_inputs(step.data, nsamples):
+                stats.new_forward()
+                try:
+                    _run_model(step.model, x, device)
+                except _Stop:
+                    pass
+    finally:
+        if handle is not None:
+            handle.remove()
     return stats.result(stacklevel=4)
 
 
@@ -290,7 +305,7 @@ class _LayerWise(Criterion):
             raise ValueError(f"blocks {empty} hold no target, so they cannot take a share of block_sparsity; prune "
                              "every block's layers (the default modules) or leave block_sparsity out")
         if self.block_sparsity == "owl":
-            ratios = self._outlier_ratios(step, of, len(blocks))
+            ratios = self._outlier_ratios(step, of, blocks)
             per_block = owl_allocation(ratios, sizes, sparsity, self.owl_lambda)
             self.report["outlier_ratios"] = ratios
         else:
@@ -298,12 +313,13 @@ class _LayerWise(Criterion):
         self.report["block_sparsity"] = per_block
         return {t.name: per_block[of[t.name]] if t.name in of else sparsity for t in step.targets}
 
-    def _outlier_ratios(self, step, of, count) -> list[float]:
-        """Each block's OWL outlier ratio, from one pass of the current model."""
-        metrics = [[] for _ in range(count)]
+    def _outlier_ratios(self, step, of, blocks) -> list[float]:
+        """Each block's OWL outlier ratio, from one pass of the current model (up to the
+        last block)."""
+        metrics = [[] for _ in blocks]
         modules = {t.name: t.module for t in step.targets}
         for names, h in layer_hessians(step, self.nsamples, self.max_memory, set(of), self.share_hessians, True,
-                                       resolve_group(step.process_group)):
+                                       resolve_group(step.process_group), stop_after=blocks[max(of.values())]):
             for n in names:
                 w = as_rows(step.params[n], modules[n]).to(h.device)
                 metrics[of[n]].append(w.abs().to(h.dtype) * h.clamp_min(0).sqrt())
