@@ -204,3 +204,22 @@ def test_sparsegpt_sweep_on_gpu(args):
     assert torch.equal(keep_cpu, keep_gpu)
     close(w_cpu, w_gpu, torch.float64)
     close(loss_cpu, loss_gpu, torch.float64)
+
+
+def test_layerwise_blocks_pruned_on_the_gpu_for_a_cpu_model():
+    # device="cuda": each block's copy moves to the GPU for its turn; the model stays on CPU
+    # and ends with what pruning it all on CPU gives.
+    transformers = pytest.importorskip("transformers")
+    from fastprune.criteria import SparseGPT, Wanda
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    base = transformers.LlamaForCausalLM(cfg).double().eval()
+    calib = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(1))
+    for make in (lambda **k: SparseGPT(block_size=8, progress=False, **k), lambda **k: Wanda(progress=False, **k)):
+        cpu, gpu = copy.deepcopy(base), copy.deepcopy(base)
+        fastprune.prune(cpu, make(), 0.5, data=calib, progress=False)
+        fastprune.prune(gpu, make(device=DEV), 0.5, data=calib, progress=False)
+        for (name, a), (_, b) in zip(cpu.state_dict().items(), gpu.state_dict().items()):
+            assert b.device.type == "cpu", name
+            torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-10, msg=name)
