@@ -26,7 +26,8 @@ bench: $(VENV)/.built
 	$(PY) benchmarks/sparse_runs.py > build/sparse.md
 	$(PY) benchmarks/distributed_scaling.py > build/distributed.md
 	$(PY) benchmarks/report.py build/bench.json build/memory.md build/woodfisher.md build/sparse.md \
-		build/distributed.md $(wildcard build/llm.md build/llm_speed.md) > benchmarks/RESULTS.md
+		build/distributed.md $(wildcard build/llm.md build/llm_speed.md build/llm_distributed.md) \
+		> benchmarks/RESULTS.md
 
 # SmolLM2-135M pruned layer-wise against the reference SparseGPT/Wanda pipelines, and its
 # tokens per second after to_sparse (about 80 min on 2 cores): build/llm.md and
@@ -36,6 +37,7 @@ bench-llm: $(VENV)/.built
 	mkdir -p build
 	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/llm_runs.py | tee build/llm.md
 	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/llm_speed.py | tee build/llm_speed.md
+	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/llm_distributed.py | tee build/llm_distributed.md
 
 build: $(VENV)/.built
 
