@@ -34,7 +34,7 @@ def want_cuda() -> bool:
 
 # ops.cpp declares the ops; composite/ holds device-generic kernels (ATen only), cpu/ and
 # cuda/ the per-device ones, one file per op family in both.
-sources = ["csrc/ops.cpp", "csrc/buffer_cache.cpp"] + sorted(glob.glob("csrc/composite/*.cpp")) + sorted(
+sources = ["csrc/ops.cpp", "csrc/buffer_cache.cpp", "csrc/cpu_isa.cpp"] + sorted(glob.glob("csrc/composite/*.cpp")) + sorted(
     glob.glob("csrc/cpu/*.cpp"))
 # -fno-math-errno lets sqrt vectorise (as torch builds it).
 extra = {"cxx": ["-O3", "-fopenmp", "-fno-math-errno"]}

@@ -3,7 +3,8 @@
 //   csrc/cpu/<family>.cpp and csrc/cuda/<family>.cu  per-device kernels (exact mirrors);
 //   csrc/composite/<family>.cpp  device-generic kernels built from ATen ops
 //                                (fisher_inverse, grad_blocks), one definition for every device;
-//   csrc/buffer_cache.cpp  the CPU kernels' host buffer cache and its empty_cache op.
+//   csrc/buffer_cache.cpp  the CPU kernels' host buffer cache and its empty_cache op;
+//   csrc/cpu_isa.cpp  the run-time choice of the CPU kernels' vector extension.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -73,4 +74,8 @@ TORCH_LIBRARY(fastprune, m) {
   // Frees the host buffers the statistics ops keep for reuse (see buffer_cache.h);
   // returns the bytes released.
   m.def("empty_cache() -> int");
+
+  // The x86 vector extension of the CPU kernels (see cpu_isa.h): "" reads it; "auto",
+  // "avx512", "avx2" or "generic" sets it (up to what the CPU supports).
+  m.def("cpu_isa(str request='') -> str");
 }

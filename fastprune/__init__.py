@@ -15,7 +15,7 @@ pruning loop itself is ``pruning``, ``masks``, ``targets`` and ``select``.
 import sys
 
 from . import _ops, criteria, sparse, training  # noqa: F401  (_ops loads the op library, failing clearly if it is missing)
-from ._ops import empty_cache, kth_smallest
+from ._ops import cpu_isa, empty_cache, kth_smallest
 from .errors import NonFiniteError
 from .masks import apply_masks, load_pruned_state_dict, remove_masks
 from .pruning import Pruner, geometric_schedule, prune
@@ -33,4 +33,4 @@ del _module
 
 __version__ = "0.1.0"
 __all__ = ["prune", "Pruner", "optim", "schedules", "loops", "sparse", "fisher_diag", "FisherBlocks", "per_sample_gradients", "criteria", "apply_masks", "remove_masks", "load_pruned_state_dict", "sparsity_report",
-           "find_targets", "geometric_schedule", "kth_smallest", "empty_cache", "NonFiniteError"]
+           "find_targets", "geometric_schedule", "kth_smallest", "empty_cache", "cpu_isa", "NonFiniteError"]

@@ -17,7 +17,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
     ) from exc
 
 __all__ = ["acc_dtype", "kth_smallest", "grad_sq", "sum_sq", "empty_cache", "per_sample_grads", "grad_blocks_accumulate", "fisher_inverse",
-           "lowrank_factor", "sparsegpt_sweep", "masked_sgd_", "masked_adam_", "sparse_mm", "sparse_mm_values_grad", "has_cuda_kernels"]
+           "lowrank_factor", "sparsegpt_sweep", "masked_sgd_", "masked_adam_", "sparse_mm", "sparse_mm_values_grad", "has_cuda_kernels", "cpu_isa"]
 
 
 @torch.library.register_fake("fastprune::kth_smallest")
@@ -213,3 +213,14 @@ def kth_smallest(tensors: list[torch.Tensor], k: int) -> tuple[torch.Tensor, int
 def has_cuda_kernels() -> bool:
     """True when the op library was built with its CUDA kernels."""
     return torch._C._dispatch_has_kernel_for_dispatch_key("fastprune::kth_smallest", "CUDA")
+
+
+def cpu_isa(request: str = "") -> str:
+    """The x86 vector extension the CPU kernels run with: ``"avx512"``, ``"avx2"`` or
+    ``"generic"``. By default the widest this CPU supports, detected at load time.
+
+    ``cpu_isa("avx2")`` (or ``"generic"``) switches to a narrower one, e.g. to compare
+    them; ``cpu_isa("auto")`` goes back to the widest. Asking for more than the CPU
+    has raises ``RuntimeError``.
+    """
+    return torch.ops.fastprune.cpu_isa(request)

@@ -66,6 +66,56 @@ def test_sparse_mm_linear_layout(n, o, dtype):
                                (dy.t() @ x)[mask], **tol)
 
 
+def supported_isas():
+    """Every CPU kernel variant this machine can run (the widest one is the default)."""
+    best = fastprune.cpu_isa()
+    order = ["generic", "avx2", "avx512"]
+    return order[:order.index(best) + 1]
+
+
+@pytest.fixture
+def cpu_isa():
+    yield fastprune.cpu_isa
+    fastprune.cpu_isa("auto")
+
+
+@pytest.mark.parametrize("isa", supported_isas())
+@pytest.mark.parametrize("o,k", [(1, 1), (13, 29), (67, 130), (9, 1031)])
+@pytest.mark.parametrize("n", [1, 7, 15, 16, 17, 33, 129, 257])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_vector_kernel_matches_float64_dense(cpu_isa, isa, o, k, n, dtype):
+    # Batches that fill 8, 4, 2, 1 and half vectors of 16 floats / 8 doubles plus scalar
+    # tails; rows with no, one and every nonzero; an odd number of nonzeros per row.
+    cpu_isa(isa)
+    mask = random_mask(o, k, 0.15, "patterns", seed=n)
+    weight = torch.randn(o, k, dtype=dtype) * mask
+    csr, values = csr_of(weight, mask)
+    bias = torch.randn(o, dtype=dtype)
+    x = torch.randn(n, k, dtype=dtype)
+    ref = x.double() @ weight.double().t() + bias.double()
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    out = _ops.sparse_mm(csr.row_ptr, csr.col_idx, values, x, bias)
+    assert out.shape == (n, o) and out.dtype == dtype
+    torch.testing.assert_close(out.double(), ref, **tol)
+    x3 = torch.randn(2, k, n, dtype=dtype)  # the (B, K, M) layout (Conv2d) on the same tiles
+    torch.testing.assert_close(_ops.sparse_mm(csr.row_ptr, csr.col_idx, values, x3).double(),
+                               weight.double() @ x3.double(), **tol)
+
+
+def test_cpu_isa_choice_and_errors(cpu_isa):
+    best = fastprune.cpu_isa()
+    assert best in ("generic", "avx2", "avx512")
+    assert fastprune.cpu_isa("generic") == "generic"
+    assert fastprune.cpu_isa() == "generic"
+    assert fastprune.cpu_isa("auto") == best
+    with pytest.raises(RuntimeError, match="expected 'auto', 'avx512', 'avx2' or 'generic'"):
+        fastprune.cpu_isa("sse9")
+    if best != "avx512":
+        with pytest.raises(RuntimeError, match="cannot run here"):
+            fastprune.cpu_isa("avx512")
+    assert fastprune.cpu_isa() == best
+
+
 def test_int32_columns_beyond_16_bits():
     k = (1 << 16) + 5
     mask = torch.zeros(3, k, dtype=torch.bool)

@@ -2,8 +2,10 @@
 // of the stored values, dW[j] = <dY[row_j], X[col_j]> summed over B.
 //
 // Each work item is one (b, column tile, row): the row's nonzeros stream once
-// while a tile of up to 64 output columns stays in registers, and every nonzero
-// adds a contiguous run of X's row col_j (fits L2 for K x 64 floats).
+// while a tile of output columns (the batch, for Linear) stays in registers, and
+// every nonzero adds a contiguous run of X's row col_j. The vectors are the
+// widest the CPU has (64 bytes with AVX-512, 32 with AVX2), chosen at run time
+// (cpu_isa.h); tiles are narrowed so that one tile of X stays in L2.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -12,15 +14,16 @@
 #include <vector>
 
 #include "../buffer_cache.h"
+#include "../cpu_isa.h"
 #include "../sparse_mm.h"
 
 namespace fastprune {
 namespace {
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FASTPRUNE_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define FASTPRUNE_CLONES
+#define FASTPRUNE_X86 1
+#define FASTPRUNE_AVX512 __attribute__((target("arch=x86-64-v4")))
+#define FASTPRUNE_AVX2 __attribute__((target("arch=x86-64-v3")))
 #endif
 
 // Column indices are stored as int16 and read as unsigned (up to 65536 columns).
@@ -30,25 +33,25 @@ C10_ALWAYS_INLINE int64_t col(const I* c, int64_t j) {
   else return c[j];
 }
 
-// 32-byte GCC vectors (one AVX register; two SSE registers in the generic build),
-// loadable from any element-aligned address.
-template <typename T>
+// GCC vectors of VB bytes, loadable from any element-aligned address.
+template <typename T, int VB>
 struct Vec {
-  typedef T type __attribute__((vector_size(32), aligned(sizeof(T))));
-  static constexpr int lanes = 32 / sizeof(T);
+  typedef T type __attribute__((vector_size(VB), aligned(sizeof(T))));
+  static constexpr int lanes = VB / sizeof(T);
 };
 
 struct Tile {
   int64_t m0, width;
 };
 
-// Widths of 8, 4, 2 and 1 vectors (fixed widths keep the accumulators in
-// registers), then a tail narrower than one vector.
+// Widths of 8, 4, 2 and 1 vectors of `lanes` (fixed widths keep the accumulators
+// in registers), then one half vector, then a tail narrower than that.
 std::vector<Tile> column_tiles(int64_t M, int64_t lanes) {
   std::vector<Tile> tiles;
   int64_t m0 = 0;
-  for (; M - m0 >= 8 * lanes; m0 += 8 * lanes) tiles.push_back({m0, 8 * lanes});
-  for (int64_t w : {4 * lanes, 2 * lanes, lanes}) {  // each narrower width at most once
+  const int64_t widest = 8 * lanes;
+  for (; M - m0 >= widest; m0 += widest) tiles.push_back({m0, widest});
+  for (int64_t w = widest / 2; w >= lanes / 2; w /= 2) {  // each narrower width at most once
     if (M - m0 >= w) {
       tiles.push_back({m0, w});
       m0 += w;
@@ -58,15 +61,16 @@ std::vector<Tile> column_tiles(int64_t M, int64_t lanes) {
   return tiles;
 }
 
-// One output row over V vectors of columns starting at m0. Narrow tiles run U
-// independent accumulator sets over interleaved nonzeros, so at least four FMA
-// chains are in flight (one chain would wait on the FMA latency every nonzero).
-template <typename T, typename I, int V>
+// One output row over V vectors of VB bytes from column m0. Narrow tiles run U
+// independent accumulator sets over interleaved nonzeros, so at least eight FMA
+// chains are in flight: two FMA units of four cycles' latency. (Four chains left
+// batch 8 at half speed: 2 cycles a nonzero on the EPYC.)
+template <typename T, typename I, int VB, int V>
 C10_ALWAYS_INLINE void row_tile(const int32_t* __restrict__ rp, const I* __restrict__ ci, const T* __restrict__ v,
                                 const T* __restrict__ xb, int64_t M, int64_t m0, int64_t o, T bias,
                                 T* __restrict__ dst) {
-  using vec = typename Vec<T>::type;
-  constexpr int L = Vec<T>::lanes, U = V >= 4 ? 1 : 4 / V;
+  using vec = typename Vec<T, VB>::type;
+  constexpr int L = Vec<T, VB>::lanes, U = V >= 8 ? 1 : 8 / V;
   vec acc[U][V];
   for (int u = 0; u < U; ++u)
     for (int k = 0; k < V; ++k) acc[u][k] = vec{};
@@ -88,7 +92,7 @@ C10_ALWAYS_INLINE void row_tile(const int32_t* __restrict__ rp, const I* __restr
   for (int k = 0; k < V; ++k) *reinterpret_cast<vec*>(dst + k * L) = acc[0][k] + bias;
 }
 
-// Fewer than one vector of columns (M == 1 is Linear at batch 1): scalar
+// Fewer than half a vector of columns (M == 1 is Linear at batch 1): scalar
 // multiply-adds over NW columns, four nonzeros in flight.
 template <typename T, typename I, int NW>
 C10_ALWAYS_INLINE void row_narrow(const int32_t* __restrict__ rp, const I* __restrict__ ci, const T* __restrict__ v,
@@ -112,17 +116,18 @@ C10_ALWAYS_INLINE void row_narrow(const int32_t* __restrict__ rp, const I* __res
 }
 
 // Output row o over one column tile, written to dst (the tile's first column).
-template <typename T, typename I>
+template <typename T, typename I, int VB>
 C10_ALWAYS_INLINE void row_any(const int32_t* rp, const I* ci, const T* v, const T* xb, int64_t M, const Tile& tile,
                                int64_t o, T bo, T* dst) {
-  constexpr int L = Vec<T>::lanes;
+  constexpr int L = Vec<T, VB>::lanes;
   switch (tile.width / L) {
-    case 8: return row_tile<T, I, 8>(rp, ci, v, xb, M, tile.m0, o, bo, dst);
-    case 4: return row_tile<T, I, 4>(rp, ci, v, xb, M, tile.m0, o, bo, dst);
-    case 2: return row_tile<T, I, 2>(rp, ci, v, xb, M, tile.m0, o, bo, dst);
-    case 1: return row_tile<T, I, 1>(rp, ci, v, xb, M, tile.m0, o, bo, dst);
+    case 8: return row_tile<T, I, VB, 8>(rp, ci, v, xb, M, tile.m0, o, bo, dst);
+    case 4: return row_tile<T, I, VB, 4>(rp, ci, v, xb, M, tile.m0, o, bo, dst);
+    case 2: return row_tile<T, I, VB, 2>(rp, ci, v, xb, M, tile.m0, o, bo, dst);
+    case 1: return row_tile<T, I, VB, 1>(rp, ci, v, xb, M, tile.m0, o, bo, dst);
   }
-  switch (tile.width) {  // under one vector: 1 to 7 floats or 1 to 3 doubles
+  if (tile.width == L / 2) return row_tile<T, I, VB / 2, 1>(rp, ci, v, xb, M, tile.m0, o, bo, dst);
+  switch (tile.width) {  // under half a vector: at most 7 floats or 3 doubles
     case 1: return row_narrow<T, I, 1>(rp, ci, v, xb, M, tile.m0, o, bo, dst);
     case 2: return row_narrow<T, I, 2>(rp, ci, v, xb, M, tile.m0, o, bo, dst);
     case 3: return row_narrow<T, I, 3>(rp, ci, v, xb, M, tile.m0, o, bo, dst);
@@ -140,23 +145,24 @@ constexpr int64_t kRowBlock = 8;
 
 // Work items [begin, end) of (b, column tile, row block); a row block is one row
 // for the (B, O, M) output and kRowBlock rows for (B, M, O) (rows_last).
-template <typename T, typename I>
+template <typename T, typename I, int VB>
 C10_ALWAYS_INLINE void spmm_items(const int32_t* rp, const I* ci, const T* v, const T* x, const T* bias, T* out,
                                   int64_t O, int64_t K, int64_t M, const Tile* tiles, int64_t num_tiles,
                                   int64_t begin, int64_t end, bool rows_last) {
-  constexpr int L = Vec<T>::lanes;
+  constexpr int L = Vec<T, VB>::lanes;
   const int64_t rows = rows_last ? kRowBlock : 1, blocks = (O + rows - 1) / rows;
-  alignas(32) T stage[kRowBlock][8 * L];
+  alignas(64) T stage[kRowBlock][8 * L];
   for (int64_t item = begin; item < end; ++item) {
     const int64_t o0 = (item % blocks) * rows, t = (item / blocks) % num_tiles, b = item / (blocks * num_tiles);
     const int64_t o1 = std::min(O, o0 + rows);
     const T* xb = x + b * K * M;
     const Tile tile = tiles[t];
     if (!rows_last) {
-      row_any<T, I>(rp, ci, v, xb, M, tile, o0, bias ? bias[o0] : T(0), out + (b * O + o0) * M + tile.m0);
+      row_any<T, I, VB>(rp, ci, v, xb, M, tile, o0, bias ? bias[o0] : T(0), out + (b * O + o0) * M + tile.m0);
       continue;
     }
-    for (int64_t o = o0; o < o1; ++o) row_any<T, I>(rp, ci, v, xb, M, tile, o, bias ? bias[o] : T(0), stage[o - o0]);
+    for (int64_t o = o0; o < o1; ++o)
+      row_any<T, I, VB>(rp, ci, v, xb, M, tile, o, bias ? bias[o] : T(0), stage[o - o0]);
     for (int64_t m = 0; m < tile.width; ++m) {
       T* orow = out + (b * M + tile.m0 + m) * O + o0;
       for (int64_t r = 0; r < o1 - o0; ++r) orow[r] = stage[r][m];
@@ -164,29 +170,42 @@ C10_ALWAYS_INLINE void spmm_items(const int32_t* rp, const I* ci, const T* v, co
   }
 }
 
-// One non-template entry per (type, index): target_clones needs plain functions.
-#define FASTPRUNE_SPMM_ENTRY(T, I)                                                                              \
-  FASTPRUNE_CLONES void spmm_##T##_##I(const int32_t* rp, const I* ci, const T* v, const T* x, const T* bias,    \
-                                       T* out, int64_t O, int64_t K, int64_t M, const Tile* tiles, int64_t nt, \
-                                       int64_t begin, int64_t end, bool rows_last) {                           \
-    spmm_items<T, I>(rp, ci, v, x, bias, out, O, K, M, tiles, nt, begin, end, rows_last);                     \
+struct SpmmArgs {
+  int64_t O, K, M;
+  const Tile* tiles;
+  int64_t num_tiles;
+  bool rows_last;
+};
+
+// One plain function per (type, index, vector extension): the target attribute
+// compiles the inlined kernel for that extension.
+#define FASTPRUNE_SPMM_ENTRY(ATTR, NAME, T, I, VB)                                                          \
+  ATTR void NAME(const int32_t* rp, const I* ci, const T* v, const T* x, const T* bias, T* out,               \
+                 const SpmmArgs& a, int64_t begin, int64_t end) {                                             \
+    spmm_items<T, I, VB>(rp, ci, v, x, bias, out, a.O, a.K, a.M, a.tiles, a.num_tiles, begin, end, a.rows_last); \
   }
-FASTPRUNE_SPMM_ENTRY(float, int16_t)
-FASTPRUNE_SPMM_ENTRY(float, int32_t)
-FASTPRUNE_SPMM_ENTRY(double, int16_t)
-FASTPRUNE_SPMM_ENTRY(double, int32_t)
+#define FASTPRUNE_SPMM_ENTRIES(ATTR, ISA, VB)                   \
+  FASTPRUNE_SPMM_ENTRY(ATTR, spmm_##ISA, float, int16_t, VB)    \
+  FASTPRUNE_SPMM_ENTRY(ATTR, spmm_##ISA, float, int32_t, VB)    \
+  FASTPRUNE_SPMM_ENTRY(ATTR, spmm_##ISA, double, int16_t, VB)   \
+  FASTPRUNE_SPMM_ENTRY(ATTR, spmm_##ISA, double, int32_t, VB)
+FASTPRUNE_SPMM_ENTRIES(, generic, 32)
+#ifdef FASTPRUNE_X86
+FASTPRUNE_SPMM_ENTRIES(FASTPRUNE_AVX2, avx2, 32)
+FASTPRUNE_SPMM_ENTRIES(FASTPRUNE_AVX512, avx512, 64)
+#endif
+
+// The vector width of an extension's kernel, in bytes.
+int vector_bytes(CpuIsa isa) { return isa == CpuIsa::avx512 ? 64 : 32; }
 
 template <typename T, typename I>
-void spmm_dispatch(const int32_t* rp, const I* ci, const T* v, const T* x, const T* bias, T* out, int64_t O,
-                   int64_t K, int64_t M, const Tile* tiles, int64_t nt, int64_t begin, int64_t end, bool rows_last) {
-#define FASTPRUNE_CALL(TT, II)                                                                               \
-  if constexpr (std::is_same_v<T, TT> && std::is_same_v<I, II>)                                              \
-    return spmm_##TT##_##II(rp, ci, v, x, bias, out, O, K, M, tiles, nt, begin, end, rows_last);
-  FASTPRUNE_CALL(float, int16_t)
-  FASTPRUNE_CALL(float, int32_t)
-  FASTPRUNE_CALL(double, int16_t)
-  FASTPRUNE_CALL(double, int32_t)
-#undef FASTPRUNE_CALL
+void spmm_dispatch(CpuIsa isa, const int32_t* rp, const I* ci, const T* v, const T* x, const T* bias, T* out,
+                   const SpmmArgs& a, int64_t begin, int64_t end) {
+#ifdef FASTPRUNE_X86
+  if (isa == CpuIsa::avx512) return spmm_avx512(rp, ci, v, x, bias, out, a, begin, end);
+  if (isa == CpuIsa::avx2) return spmm_avx2(rp, ci, v, x, bias, out, a, begin, end);
+#endif
+  spmm_generic(rp, ci, v, x, bias, out, a, begin, end);
 }
 
 // x (B, K, M) -> (B, O, M), or (B, M, O) with rows_last.
@@ -198,10 +217,13 @@ at::Tensor spmm_cpu(const at::Tensor& row_ptr, const at::Tensor& col_idx, const 
   const at::Tensor x = x_in.contiguous();
   const at::Tensor bias = checked_bias(bias_in, O, values);
   at::Tensor out = empty_cached(rows_last ? at::IntArrayRef{B, M, O} : at::IntArrayRef{B, O, M}, x.options());
-  const auto tiles = column_tiles(M, 32 / values.element_size());
+  const CpuIsa isa = cpu_isa();
+  const int64_t vb = vector_bytes(isa), lanes = vb / values.element_size();
+  const auto tiles = column_tiles(M, lanes);
   const int64_t rows = rows_last ? kRowBlock : 1;
   const int64_t nt = static_cast<int64_t>(tiles.size()), items = B * nt * ((O + rows - 1) / rows);
   if (items == 0) return out;
+  const SpmmArgs args{O, K, M, tiles.data(), nt, rows_last};
   // About 4096 multiply-adds per task keeps the scheduling overhead small.
   const int64_t per_row = std::max<int64_t>(1, values.numel() / std::max<int64_t>(O, 1)) * std::min<int64_t>(M, 64);
   const int64_t grain = std::max<int64_t>(1, 4096 / (per_row * rows));
@@ -210,9 +232,9 @@ at::Tensor spmm_cpu(const at::Tensor& row_ptr, const at::Tensor& col_idx, const 
       using I = decltype(idx);
       const I* ci = col_idx.const_data_ptr<I>();
       at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-        spmm_dispatch<scalar_t, I>(row_ptr.const_data_ptr<int32_t>(), ci, values.const_data_ptr<scalar_t>(),
+        spmm_dispatch<scalar_t, I>(isa, row_ptr.const_data_ptr<int32_t>(), ci, values.const_data_ptr<scalar_t>(),
                                    x.const_data_ptr<scalar_t>(), bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
-                                   out.data_ptr<scalar_t>(), O, K, M, tiles.data(), nt, begin, end, rows_last);
+                                   out.data_ptr<scalar_t>(), args, begin, end);
       });
     };
     if (col_idx.scalar_type() == at::kShort) run(int16_t{});
