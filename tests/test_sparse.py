@@ -277,7 +277,112 @@ def test_to_sparse_calibration_and_min_sparsity():
     by_name = {c.name: c for c in report.layers}
     assert by_name["0"].kernel == "dense" and "min_sparsity" in by_name["0"].reason
     assert by_name["2"].dense_ms is not None and by_name["2"].sparse_ms is not None
-    assert (by_name["2"].kernel == "sparse") == (by_name["2"].sparse_ms < by_name["2"].dense_ms)
+    if by_name["2"].kernel == "sparse":
+        assert by_name["2"].sparse_ms < by_name["2"].dense_ms
+        assert all(t < d for t, d in zip(report.model_sparse_ms, report.model_dense_ms))
+    else:
+        assert "dense is faster" in by_name["2"].reason or "model-level" in by_name["2"].reason
+
+
+def scripted_times(monkeypatch, layer_ms, model_ms):
+    """Replaces to_sparse's clocks: layer_ms(module, x) and model_ms(sparse_names, example)
+    give the times, so the decisions can be checked exactly."""
+    from fastprune.sparse import convert
+
+    monkeypatch.setattr(convert, "_time_ms", lambda fn, x, repeats: layer_ms(fn, x))
+
+    def model_times(model, examples, swaps, repeats):
+        names = frozenset(swaps)
+        return [model_ms(frozenset(), e) for e in examples], [model_ms(names, e) for e in examples]
+    monkeypatch.setattr(convert, "_model_times", model_times)
+
+
+def pruned_mlp(sparsity=0.95):
+    model = mlp()
+    fastprune.prune(model, fastprune.criteria.Magnitude(), sparsity, scope="layer", progress=False)
+    return model
+
+
+def test_to_sparse_needs_the_sparse_kernel_faster_at_every_example_input(monkeypatch):
+    # Sparse wins at batch 1 and loses at batch 256 for layer "2" only.
+    def layer_ms(fn, x):
+        sparse = isinstance(fn, SparseLinear)
+        if sparse and fn.in_features == 128 and x.shape[0] == 256:
+            return 2.0
+        return 0.5 if sparse else 1.0
+    scripted_times(monkeypatch, layer_ms, lambda names, e: 10.0 - len(names))
+    model = pruned_mlp()
+    x = torch.randn(256, 64)
+    _, report = to_sparse(model, [x[:1], x], min_sparsity=0.0)
+    by_name = {c.name: c for c in report.layers}
+    assert by_name["0"].kernel == by_name["4"].kernel == "sparse"
+    assert by_name["2"].kernel == "dense" and "one of the example inputs" in by_name["2"].reason
+    assert by_name["2"].dense_ms == 2.0 and by_name["2"].sparse_ms == 2.5  # summed over both inputs
+    assert report.model_dense_ms == [10.0, 10.0] and report.model_sparse_ms == [8.0, 8.0]
+    assert isinstance(model[0], SparseLinear) and isinstance(model[2], FrozenLinear)
+
+
+def test_to_sparse_reverts_smallest_gains_until_the_model_is_faster(monkeypatch):
+    # Each layer is faster alone (gains 4x, 2x, 1.25x), but the model is slower while
+    # the 1.25x layer "4" is sparse: it goes back to dense, the others stay.
+    gain = {128: 4.0, 64: 2.0, 10: 1.25}  # by out_features
+    def layer_ms(fn, x):
+        return 1.0 / gain[fn.out_features] if isinstance(fn, SparseLinear) else 1.0
+    scripted_times(monkeypatch, layer_ms, lambda names, e: 10.0 + (3.0 if "4" in names else -len(names)))
+    model = pruned_mlp()
+    x = torch.randn(8, 64)
+    with torch.no_grad():
+        ref = model(x)
+    _, report = to_sparse(model, x, min_sparsity=0.0)
+    kernels = {c.name: c.kernel for c in report.layers}
+    assert kernels == {"0": "sparse", "2": "sparse", "4": "dense"}
+    assert "model-level" in report.layers[2].reason
+    assert isinstance(model[0], SparseLinear) and isinstance(model[2], SparseLinear) and \
+        isinstance(model[4], FrozenLinear)
+    assert report.model_sparse_ms == [8.0] and "model at example input 0" in str(report)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_to_sparse_keeps_every_layer_dense_when_the_model_never_gains(monkeypatch):
+    scripted_times(monkeypatch, lambda fn, x: 0.5 if isinstance(fn, SparseLinear) else 1.0,
+                   lambda names, e: 10.0 + len(names))
+    model = pruned_mlp()
+    _, report = to_sparse(model, torch.randn(4, 64), min_sparsity=0.0)
+    assert all(c.kernel == "dense" for c in report.layers)
+    assert not any(isinstance(m, SparseLinear) for m in model.modules())
+    assert report.model_sparse_ms == report.model_dense_ms
+
+
+def test_to_sparse_measured_on_several_batches_keeps_outputs_and_batch_norm_state():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.BatchNorm1d(256), nn.ReLU(), nn.Linear(256, 10))
+    fastprune.prune(model, fastprune.criteria.Magnitude(), 0.95, scope="layer", progress=False,
+                    modules=["0", "3"])
+    model.train()
+    stats = model[1].running_mean.clone(), model[1].num_batches_tracked.clone()
+    xs = [torch.randn(b, 64) for b in (1, 16, 64)]
+    model.eval()
+    with torch.no_grad():
+        refs = [model(x) for x in xs]
+    model.train()
+    _, report = to_sparse(model, xs, repeats=3)
+    assert model.training and model[1].training  # modes restored
+    assert torch.equal(model[1].running_mean, stats[0]) and torch.equal(model[1].num_batches_tracked, stats[1])
+    if any(c.kernel == "sparse" for c in report.layers):
+        assert len(report.model_dense_ms) == len(report.model_sparse_ms) == 3
+        assert all(t < d for t, d in zip(report.model_sparse_ms, report.model_dense_ms))
+    model.eval()
+    with torch.no_grad():
+        for x, ref in zip(xs, refs):
+            torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_to_sparse_argument_errors():
+    with pytest.raises(ValueError, match="at least one example input"):
+        to_sparse(pruned_mlp(), [])
+    with pytest.raises(ValueError, match="repeats must be at least 1"):
+        to_sparse(pruned_mlp(), torch.randn(2, 64), repeats=0)
 
 
 def test_to_sparse_needs_masks():

@@ -34,7 +34,12 @@ class LayerChoice:
 
 @dataclass
 class SparseReport:
+    """Per-layer choices, and with calibration the whole model's forward times (ms) at
+    each example input, with every qualifying layer dense and as converted."""
+
     layers: list[LayerChoice] = field(default_factory=list)
+    model_dense_ms: list[float] = field(default_factory=list)
+    model_sparse_ms: list[float] = field(default_factory=list)
 
     def __str__(self) -> str:
         rows = [f"{'layer':24s} {'sparsity':>8s} {'kernel':>7s} {'dense ms':>9s} {'sparse ms':>9s} {'2:4 ms':>9s}  reason"]
@@ -42,7 +47,23 @@ class SparseReport:
             fmt = (lambda v: f"{v:9.3f}" if v is not None else f"{'-':>9s}")
             rows.append(f"{c.name:24s} {c.sparsity:8.3f} {c.kernel:>7s} {fmt(c.dense_ms)} {fmt(c.sparse_ms)} "
                         f"{fmt(c.semi_ms)}  {c.reason}")
+        for i, (d, t) in enumerate(zip(self.model_dense_ms, self.model_sparse_ms)):
+            rows.append(f"model at example input {i}: {d:.3f} ms dense, {t:.3f} ms converted ({d / t:.2f}x)")
         return "\n".join(rows)
+
+
+def _sync(example) -> None:
+    if any(t.is_cuda for t in _tensors(example)):
+        torch.cuda.synchronize()
+
+
+def _tensors(example) -> list[torch.Tensor]:
+    items = example if isinstance(example, tuple) else (example,)
+    return [t for t in items if isinstance(t, torch.Tensor)]
+
+
+def _run(model: nn.Module, example):
+    return model(*example) if isinstance(example, tuple) else model(example)
 
 
 def _time_ms(fn, arg, repeats: int) -> float:
@@ -58,19 +79,24 @@ def _time_ms(fn, arg, repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def _capture_inputs(model: nn.Module, names: list[str], example_input) -> dict[str, torch.Tensor]:
-    inputs, handles = {}, []
+def _capture_inputs(model: nn.Module, names: list[str], examples: list) -> dict[str, list[torch.Tensor]]:
+    """Each named layer's first input at every example (one forward each)."""
+    inputs, handles = {name: [] for name in names}, []
     for name in names:
         def hook(module, args, name=name):
-            inputs.setdefault(name, args[0].detach())
+            if len(inputs[name]) < seen[0]:
+                inputs[name].append(args[0].detach())
         handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    seen = [0]
     try:
         with torch.no_grad():
-            model(*example_input) if isinstance(example_input, tuple) else model(example_input)
+            for example in examples:
+                seen[0] += 1
+                _run(model, example)
     finally:
         for h in handles:
             h.remove()
-    return inputs
+    return {name: found for name, found in inputs.items() if len(found) == len(examples)}
 
 
 def _unsupported(module: nn.Module) -> str:
@@ -82,6 +108,28 @@ def _unsupported(module: nn.Module) -> str:
     return ""
 
 
+def _model_times(model: nn.Module, examples: list, swaps: dict, repeats: int) -> tuple[list[float], list[float]]:
+    """Forward times (ms, medians) at each example with the layers of ``swaps`` ({name:
+    (dense, converted)}) dense and converted, measured alternately so drift hits both."""
+    dense_ms, sparse_ms = [], []
+    with torch.no_grad():
+        for example in examples:
+            times = {False: [], True: []}
+            for rep in range(repeats + 1):
+                for converted in (False, True):
+                    for name, pair in swaps.items():
+                        _set_submodule(model, name, pair[converted])
+                    _sync(example)
+                    start = time.perf_counter()
+                    _run(model, example)
+                    _sync(example)
+                    if rep:  # the first round warms up both
+                        times[converted].append(time.perf_counter() - start)
+            dense_ms.append(1e3 * statistics.median(times[False]))
+            sparse_ms.append(1e3 * statistics.median(times[True]))
+    return dense_ms, sparse_ms
+
+
 def to_sparse(model: nn.Module, example_input, min_sparsity: float = 0.7, calibrate: bool = True,
               repeats: int = 20, freeze_dense: bool = True) -> tuple[nn.Module, SparseReport]:
     """Replaces pruned ``nn.Linear`` / ``nn.Conv2d`` layers by :class:`SparseLinear` /
@@ -89,11 +137,25 @@ def to_sparse(model: nn.Module, example_input, min_sparsity: float = 0.7, calibr
 
     A layer qualifies when it carries a pruning mask (``torch.nn.utils.prune`` or
     :func:`fastprune.prune`) with at least ``min_sparsity`` of its weights pruned.
-    With ``calibrate`` (the default), each qualifying layer runs ``repeats`` times
-    on its own input from one forward of ``example_input`` (a tensor, or a tuple
-    of positional inputs), dense and sparse, and is replaced only if the sparse
-    module is faster, so the model never gets slower at that input shape.
-    Without it, every qualifying layer is replaced.
+
+    ``example_input`` is what the model will run on: a tensor, a tuple of positional
+    inputs, or a **list** of those when it runs at several shapes (e.g. ``[x[:1],
+    x[:16], x]`` for batches of 1, 16 and 256; the kernels' speed against dense
+    changes with the batch). With ``calibrate`` (the default):
+
+    1. each qualifying layer runs ``repeats`` times on its own input from a forward of
+       every example, dense and sparse, and becomes sparse only if that is faster at
+       every example;
+    2. then the whole model is timed at every example with those layers dense and
+       sparse, alternately. Where it is not faster at every example, the layers
+       whose own gain was smallest go back to dense (half of them at a time) until it
+       is. Layers timed in isolation can look faster than they run inside the model
+       (warm caches, a neighbour's thread wake-ups), so this keeps the promise at the
+       level users see: the model never gets slower at the example inputs.
+
+    The report's ``model_dense_ms`` / ``model_sparse_ms`` hold those whole-model
+    times (empty when no layer passed step 1). Without ``calibrate``, every qualifying layer is replaced, untimed.
+    The example forwards run in eval mode (batch-norm statistics stay as they were).
 
     With ``freeze_dense`` (the default) every pruned layer left dense becomes a
     :class:`FrozenLinear` / :class:`FrozenConv2d`: the masked weight stored once
@@ -108,10 +170,16 @@ def to_sparse(model: nn.Module, example_input, min_sparsity: float = 0.7, calibr
     inference only), whatever ``min_sparsity`` says; the fastest kernel wins.
 
     Returns ``(model, report)``; ``print(report)`` gives, per pruned layer, its
-    sparsity, the kernel chosen and both times. :func:`to_dense` reverts.
+    sparsity, the kernel chosen and both times (summed over the examples), then the
+    model's times. :func:`to_dense` reverts.
     """
     if not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity!r}")
+    examples = list(example_input) if isinstance(example_input, list) else [example_input]
+    if not examples:
+        raise ValueError("to_sparse needs at least one example input; got an empty list")
+    if calibrate and repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats!r}")
     pruned = {name: m for name, m in model.named_modules()
               if isinstance(m, (nn.Linear, nn.Conv2d)) and get_mask(m, "weight") is not None}
     if not pruned:
@@ -130,7 +198,23 @@ def to_sparse(model: nn.Module, example_input, min_sparsity: float = 0.7, calibr
         if not semi_structured_reason(module, mask):  # 2:4 masks are 50 % sparse: min_sparsity does not apply
             semi[name] = module
     timed = list(dict.fromkeys([*build, *semi]))
-    inputs = _capture_inputs(model, timed, example_input) if calibrate and timed else {}
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        inputs = _capture_inputs(model, timed, examples) if calibrate and timed else {}
+        swaps, gains = _choose(model, pruned, report, build, semi, inputs, repeats, freeze_dense)
+        if inputs and swaps:
+            _check_model(model, examples, report, swaps, gains, repeats)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    return model, report
+
+
+def _choose(model, pruned, report, build, semi, inputs, repeats, freeze_dense):
+    """Puts each layer's chosen module in place; returns {name: (dense, converted)} of the
+    converted layers and their measured gains (dense time over sparse time)."""
+    swaps, gains = {}, {}
     for choice in report.layers:
         module = pruned[choice.name]
         # Outside no_grad: module.weight (= weight_orig * mask, recomputed here) then carries
@@ -150,19 +234,56 @@ def to_sparse(model: nn.Module, example_input, min_sparsity: float = 0.7, calibr
                 choice.reason = f"2:4 kernel unavailable: {exc}"
         best = "2:4" if "2:4" in candidates else ("sparse" if candidates else None)  # uncalibrated choice
         if best is not None and choice.name in inputs:
-            with torch.no_grad():
-                choice.dense_ms = _time_ms(dense, inputs[choice.name], repeats)
-                times = {k: _time_ms(m, inputs[choice.name], repeats) for k, m in candidates.items()}
-            choice.sparse_ms, choice.semi_ms = times.get("sparse"), times.get("2:4")
-            best = min(times, key=times.get)
-            if times[best] >= choice.dense_ms:
-                best, choice.reason = None, "dense is faster at this input shape"
+            best = _time_layer(choice, dense, candidates, inputs[choice.name], repeats)
+            if best is not None:
+                gains[choice.name] = choice.dense_ms / (choice.semi_ms if best == "2:4" else choice.sparse_ms)
         if best is not None:
             choice.kernel, choice.reason = best, ""
+            swaps[choice.name] = (dense, candidates[best])
             _set_submodule(model, choice.name, candidates[best])
         elif dense is not module:
             _set_submodule(model, choice.name, dense)
-    return model, report
+    return swaps, gains
+
+
+def _time_layer(choice, dense, candidates, layer_inputs, repeats):
+    """Times dense and each candidate at every input; the candidate faster than dense at
+    all of them with the least total time, or None."""
+    with torch.no_grad():
+        dense_ms = [_time_ms(dense, x, repeats) for x in layer_inputs]
+        times = {k: [_time_ms(m, x, repeats) for x in layer_inputs] for k, m in candidates.items()}
+    choice.dense_ms = sum(dense_ms)
+    choice.sparse_ms = sum(times["sparse"]) if "sparse" in times else None
+    choice.semi_ms = sum(times["2:4"]) if "2:4" in times else None
+    winners = [k for k, t in times.items() if all(a < b for a, b in zip(t, dense_ms))]
+    if not winners:
+        choice.reason = "dense is faster at this input shape" if len(dense_ms) == 1 else \
+            "dense is faster at one of the example inputs"
+        return None
+    return min(winners, key=lambda k: sum(times[k]))
+
+
+def _check_model(model, examples, report, swaps, gains, repeats):
+    """Moves converted layers back to dense, smallest gain first, until the model is
+    faster than with all of them dense at every example (see to_sparse)."""
+    by_name = {c.name: c for c in report.layers}
+    ranked = sorted(swaps, key=lambda n: gains.get(n, float("inf")))
+    while True:
+        dense_ms, sparse_ms = _model_times(model, examples, swaps, repeats)
+        report.model_dense_ms, report.model_sparse_ms = dense_ms, sparse_ms
+        if all(t < d for t, d in zip(sparse_ms, dense_ms)) or not ranked:
+            break
+        drop = ranked[:max(1, len(ranked) // 2)]
+        ranked = ranked[len(drop):]
+        for name in drop:
+            _set_submodule(model, name, swaps.pop(name)[0])
+            by_name[name].kernel = "dense"
+            by_name[name].reason = "the model as a whole ran slower with this layer sparse (model-level check)"
+        if not swaps:
+            report.model_sparse_ms = list(report.model_dense_ms)
+            break
+    for name, (dense, converted) in swaps.items():  # _model_times leaves the last state it timed
+        _set_submodule(model, name, converted)
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
