@@ -46,6 +46,47 @@ def test_linear_2d_and_non_contiguous():
     assert_stats(model, x, torch.randint(0, 3, (13,)))
 
 
+class Residual(nn.Module):
+    """A layer's output written in place downstream (as ReLU(inplace=True) does, or
+    torchvision's `out += identity`, here scaled so that its gradient differs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.in_place = True
+
+    def forward(self, x):
+        out = self.fc2(torch.tanh(self.fc1(x)))
+        if self.in_place:
+            out *= 2.0  # in place on fc2's captured output
+            out += x
+        else:
+            out = out * 2.0 + x
+        return self.head(out)
+
+
+def test_outputs_written_in_place_downstream_on_every_call():
+    # The first call copies the captured outputs and learns that the model writes them in
+    # place; later calls keep copying. Each must equal torch.func.
+    torch.manual_seed(0)
+    model = Residual().double()
+    x, y = torch.randn(12, 6, dtype=torch.float64), torch.randint(0, 3, (12,))
+    for _ in range(2):
+        assert_stats(model, x, y, batch=4)
+
+
+def test_a_model_that_starts_writing_in_place_later():
+    # Learnt "no in-place writes" on a first call, then the model writes in place: the
+    # forward runs again with copies instead of returning the rebased gradient.
+    torch.manual_seed(0)
+    model = Residual().double()
+    model.in_place = False
+    x, y = torch.randn(12, 6, dtype=torch.float64), torch.randint(0, 3, (12,))
+    assert_stats(model, x, y, batch=4)
+    model.in_place = True
+    assert_stats(model, x, y, batch=4)
+
+
 def test_linear_4d_inputs_and_layernorm():
     model = Tokens().double()
     assert_stats(model, torch.randn(9, 3, 2, 5, dtype=torch.float64), torch.randint(0, 3, (9,)), batch=4)
