@@ -60,14 +60,39 @@ inline at::Tensor per_sample_tile(const at::Tensor& x, const at::Tensor& dy, int
   return tile.view({s1 - s0, -1});
 }
 
-// (sum_n G_n, sum_n G_n^2), each (G, O, K). `reduce(tile, grad, sq)` adds a tile's
+// Sums for the bias of the same layer: its per-sample gradient is b_n = sum_t
+// dy[n, :, t, :] (G, O), so (sum_n b_n, sum_n b_n^2), each (G, O), come from the
+// output gradients alone. dy2 = dy^2 when T == 1 (already formed for the weight).
+template <typename Reduce>
+std::tuple<at::Tensor, at::Tensor> bias_sums(const at::Tensor& dy, const at::Tensor& dy2, Reduce reduce) {
+  const int64_t N = dy.size(0), G = dy.size(1), O = dy.size(3);
+  if (dy.size(2) == 1) {
+    at::Tensor grad = empty_cached({G, O}, dy.options()), sq = empty_cached({G, O}, dy.options());
+    at::sum_out(grad, dy.select(2, 0), {0});
+    at::sum_out(sq, dy2, {0});
+    return {grad, sq};
+  }
+  at::Tensor per_sample = empty_cached({N, G, O}, dy.options());
+  at::sum_out(per_sample, dy, {2});
+  at::Tensor grad = empty_cached({G, O}, dy.options()).zero_(), sq = empty_cached({G, O}, dy.options()).zero_();
+  const at::Tensor flat = per_sample.view({N, G * O});
+  at::Tensor g = grad.view({G * O}), q = sq.view({G * O});
+  if (N > 0) reduce(flat, g, q);
+  return {grad, sq};
+}
+
+// (sum_n G_n, sum_n G_n^2), each (G, O, K), and with `bias` the bias sums of
+// bias_sums (undefined tensors without). `reduce(tile, grad, sq)` adds a tile's
 // column sums and column sums of squares into the flat accumulators in one pass.
 template <typename Reduce>
-std::tuple<at::Tensor, at::Tensor> grad_sq_impl(const at::Tensor& x_in, const at::Tensor& dy_in, Reduce reduce) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grad_sq_impl(const at::Tensor& x_in,
+                                                                        const at::Tensor& dy_in, Reduce reduce,
+                                                                        bool bias = false) {
   check_stats_inputs(x_in, dy_in, "grad_sq");
   const auto acc = acc_type(x_in.scalar_type());
   const at::Tensor x = x_in.to(acc), dy = dy_in.to(acc);
   const int64_t N = x.size(0), G = x.size(1), K = x.size(3), O = dy.size(3);
+  at::Tensor bias_grad, bias_sq;
   if (x.size(2) == 1) {
     // Rank-1 per-sample gradients: sum_n (dy_n x_n^T)^2 = (dy^2)^T x^2, two GEMMs.
     // Square before permuting: elementwise ops on the (N, G, .) layout stay contiguous.
@@ -86,8 +111,10 @@ std::tuple<at::Tensor, at::Tensor> grad_sq_impl(const at::Tensor& x_in, const at
       at::bmm_out(grad, dy1.permute({1, 2, 0}), x1.permute({1, 0, 2}));
       at::bmm_out(sq, dy2.permute({1, 2, 0}), x2.permute({1, 0, 2}));
     }
-    return {grad, sq};
+    if (bias) std::tie(bias_grad, bias_sq) = bias_sums(dy, dy2, reduce);
+    return {grad, sq, bias_grad, bias_sq};
   }
+  if (bias) std::tie(bias_grad, bias_sq) = bias_sums(dy, at::Tensor(), reduce);
   at::Tensor grad = empty_cached({G, O, K}, x.options()).zero_(), sq = empty_cached({G, O, K}, x.options()).zero_();
   if (prefer_gemm_loop(x, dy)) {
     // One sample at a time: its gradient stays cache-resident between GEMM and reduction.
@@ -97,12 +124,19 @@ std::tuple<at::Tensor, at::Tensor> grad_sq_impl(const at::Tensor& x_in, const at
       per_sample_into(x, dy, n, buf);
       reduce(row, grad, sq);
     }
-    return {grad, sq};
+    return {grad, sq, bias_grad, bias_sq};
   }
   const int64_t step = samples_per_tile(G * O * K);
   for (int64_t s0 = 0; s0 < N; s0 += step) {
     reduce(per_sample_tile(x, dy, s0, std::min(N, s0 + step)), grad, sq);
   }
+  return {grad, sq, bias_grad, bias_sq};
+}
+
+// The grad_sq op (weight sums only) and the grad_bias_sq op (weight and bias sums).
+template <typename Reduce>
+std::tuple<at::Tensor, at::Tensor> grad_sq_only(const at::Tensor& x, const at::Tensor& dy, Reduce reduce) {
+  auto [grad, sq, unused_g, unused_q] = grad_sq_impl(x, dy, reduce);
   return {grad, sq};
 }
 

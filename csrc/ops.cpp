@@ -29,6 +29,10 @@ TORCH_LIBRARY(fastprune, m) {
   // G_n = sum_t dy[n,:,t]^T x[n,:,t] of shape (G, O, K).
   // Sums over samples of G_n and of G_n^2 (elementwise), each (G, O, K).
   m.def("grad_sq(Tensor x, Tensor dy) -> (Tensor, Tensor)");
+  // The same plus the sums for the layer's bias, whose per-sample gradient is
+  // sum_t dy[n,:,t] (G, O): (weight sum, weight sum of squares, bias sum, bias sum of
+  // squares) in one call (Linear and Conv layers with a bias).
+  m.def("grad_bias_sq(Tensor x, Tensor dy) -> (Tensor, Tensor, Tensor, Tensor)");
   // Sums over the first dim of per-sample values t (N, *shape): (sum_n t_n, sum_n t_n^2),
   // each of `shape`, in one pass (biases and the other closed-form parameters).
   m.def("sum_sq(Tensor per_sample) -> (Tensor, Tensor)");

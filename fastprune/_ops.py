@@ -16,7 +16,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
         "`pip install --no-build-isolation -e .` (torch must be installed first)."
     ) from exc
 
-__all__ = ["acc_dtype", "kth_smallest", "grad_sq", "sum_sq", "empty_cache", "per_sample_grads", "grad_blocks_accumulate", "fisher_inverse",
+__all__ = ["acc_dtype", "kth_smallest", "grad_sq", "grad_bias_sq", "sum_sq", "empty_cache", "per_sample_grads", "grad_blocks_accumulate", "fisher_inverse",
            "lowrank_factor", "sparsegpt_sweep", "masked_sgd_", "masked_adam_", "sparse_mm", "sparse_mm_values_grad", "has_cuda_kernels", "cpu_isa"]
 
 
@@ -37,6 +37,14 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def _grad_sq_fake(x, dy):
     shape = (x.shape[1], dy.shape[3], x.shape[3])
     return x.new_empty(shape, dtype=acc_dtype(x.dtype)), x.new_empty(shape, dtype=acc_dtype(x.dtype))
+
+
+@torch.library.register_fake("fastprune::grad_bias_sq")
+def _grad_bias_sq_fake(x, dy):
+    acc = acc_dtype(x.dtype)
+    weight, bias = (x.shape[1], dy.shape[3], x.shape[3]), (x.shape[1], dy.shape[3])
+    return (x.new_empty(weight, dtype=acc), x.new_empty(weight, dtype=acc), x.new_empty(bias, dtype=acc),
+            x.new_empty(bias, dtype=acc))
 
 
 @torch.library.register_fake("fastprune::sum_sq")
@@ -100,6 +108,13 @@ def grad_sq(x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     where G_n = sum_t dy[n, :, t]^T x[n, :, t]. Each result is (G, O, K), float32 for
     16-bit inputs. Per-sample gradients are only formed a tile at a time."""
     return torch.ops.fastprune.grad_sq(x, dy)
+
+
+def grad_bias_sq(x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """:func:`grad_sq` plus the layer's bias sums in the same call: the bias's per-sample
+    gradient is ``dy[n].sum(1)`` (G, O), so this returns (weight sum, weight sum of
+    squares, bias sum, bias sum of squares), the bias ones (G, O)."""
+    return torch.ops.fastprune.grad_bias_sq(x, dy)
 
 
 def sum_sq(per_sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -48,6 +48,9 @@ def test_grad_sq_sum_sq_per_sample(shape, dtype):
     for cpu, gpu in zip(*on_both(_ops.grad_sq, x, dy)):
         assert gpu.dtype == acc
         close(cpu, gpu, dtype)
+    for cpu, gpu in zip(*on_both(_ops.grad_bias_sq, x, dy)):
+        assert gpu.dtype == acc
+        close(cpu, gpu, dtype)
     if n * g * o * k <= 1 << 22:
         close(*on_both(_ops.per_sample_grads, x, dy), dtype)
     for cpu, gpu in zip(*on_both(_ops.sum_sq, dy)):

@@ -25,6 +25,26 @@ def test_grad_sq_and_per_sample(shape, dtype):
     torch.testing.assert_close(_ops.per_sample_grads(x, dy).double(), ps, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("shape", [(5, 1, 1, 7, 3), (4, 1, 9, 6, 5), (3, 4, 5, 2, 3), (1, 1, 1, 1, 1), (3, 2, 40, 64, 30),
+                                   (257, 1, 1, 33, 17)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_grad_bias_sq_adds_the_bias_sums(shape, dtype):
+    # The bias of a Linear / Conv layer: per-sample gradient sum_t dy[n, g, t, :].
+    n, g, t, k, o = shape
+    x = torch.randn(n, g, k, t, dtype=dtype).transpose(2, 3)  # non-contiguous
+    dy = torch.randn(n, g, o, t, dtype=dtype).transpose(2, 3)
+    ps = explicit(x, dy)
+    bias = dy.double().sum(2).flatten(1)  # (N, G*O)
+    grad, sq, bgrad, bsq = _ops.grad_bias_sq(x, dy)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-4, torch.bfloat16: 1e-2}[dtype]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert grad.dtype == bgrad.dtype == acc and bgrad.shape == bsq.shape == (g, o)
+    torch.testing.assert_close(grad.flatten().double(), ps.sum(0), rtol=tol, atol=tol)
+    torch.testing.assert_close(sq.flatten().double(), ps.square().sum(0), rtol=tol, atol=tol)
+    torch.testing.assert_close(bgrad.flatten().double(), bias.sum(0), rtol=tol, atol=tol)
+    torch.testing.assert_close(bsq.flatten().double(), bias.square().sum(0), rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("block", [1, 4, 7, 45, 64])
 def test_grad_blocks_accumulate_ragged(block):
     x, dy = torch.randn(6, 3, 4, 5, dtype=torch.float64), torch.randn(6, 3, 4, 3, dtype=torch.float64)
@@ -60,6 +80,8 @@ def test_errors():
 def test_opcheck():
     x, dy = torch.randn(4, 2, 3, 5), torch.randn(4, 2, 3, 2)
     torch.library.opcheck(torch.ops.fastprune.grad_sq.default, (x, dy))
+    torch.library.opcheck(torch.ops.fastprune.grad_bias_sq.default, (x, dy))
+    torch.library.opcheck(torch.ops.fastprune.grad_bias_sq.default, (x[:, :, :1], dy[:, :, :1]))
     torch.library.opcheck(torch.ops.fastprune.per_sample_grads.default, (x, dy))
     torch.library.opcheck(torch.ops.fastprune.grad_blocks_accumulate.default, (x, dy, torch.zeros(3, 8, 8)))
     torch.library.opcheck(torch.ops.fastprune.sum_sq.default, (torch.randn(5, 3, 2),))

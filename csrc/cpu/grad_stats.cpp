@@ -34,7 +34,12 @@ void reduce_tile_cpu(const at::Tensor& tile, at::Tensor& grad, at::Tensor& sq) {
 }
 
 std::tuple<at::Tensor, at::Tensor> grad_sq_cpu(const at::Tensor& x, const at::Tensor& dy) {
-  return grad_sq_impl(x, dy, reduce_tile_cpu);
+  return grad_sq_only(x, dy, reduce_tile_cpu);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grad_bias_sq_cpu(const at::Tensor& x,
+                                                                            const at::Tensor& dy) {
+  return grad_sq_impl(x, dy, reduce_tile_cpu, true);
 }
 
 std::tuple<at::Tensor, at::Tensor> sum_sq_cpu(const at::Tensor& t) { return sum_sq_impl(t, reduce_tile_cpu); }
@@ -43,6 +48,7 @@ std::tuple<at::Tensor, at::Tensor> sum_sq_cpu(const at::Tensor& t) { return sum_
 
 TORCH_LIBRARY_IMPL(fastprune, CPU, m) {
   m.impl("grad_sq", &grad_sq_cpu);
+  m.impl("grad_bias_sq", &grad_bias_sq_cpu);
   m.impl("sum_sq", &sum_sq_cpu);
 }
 

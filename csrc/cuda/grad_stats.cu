@@ -43,7 +43,13 @@ void reduce_tile_cuda(const at::Tensor& tile, at::Tensor& grad, at::Tensor& sq) 
 
 std::tuple<at::Tensor, at::Tensor> grad_sq_cuda(const at::Tensor& x, const at::Tensor& dy) {
   const c10::cuda::CUDAGuard guard(x.device());
-  return grad_sq_impl(x, dy, reduce_tile_cuda);
+  return grad_sq_only(x, dy, reduce_tile_cuda);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grad_bias_sq_cuda(const at::Tensor& x,
+                                                                             const at::Tensor& dy) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return grad_sq_impl(x, dy, reduce_tile_cuda, true);
 }
 
 std::tuple<at::Tensor, at::Tensor> sum_sq_cuda(const at::Tensor& t) {
@@ -55,6 +61,7 @@ std::tuple<at::Tensor, at::Tensor> sum_sq_cuda(const at::Tensor& t) {
 
 TORCH_LIBRARY_IMPL(fastprune, CUDA, m) {
   m.impl("grad_sq", &grad_sq_cuda);
+  m.impl("grad_bias_sq", &grad_bias_sq_cuda);
   m.impl("sum_sq", &sum_sq_cuda);
 }
 

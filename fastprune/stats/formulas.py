@@ -109,15 +109,24 @@ class PerSampleFormula:
         """{name: (sum_n g_n, sum_n g_n**2)} for the requested local parameter names."""
         out = {}
         if "weight" in names and self.has_weight_tiles:
-            grad = sq = None
+            # The grouped op also sums the bias (Linear, Conv: sum over positions of dy),
+            # one call per tile for both; the direct route leaves the bias to per_sample.
+            fuse = "bias" in names and "bias" in self.handles and self.module.bias is not None
+            sums = None
             for route, tile in self.weight_tiles(calls, _SUM_TILE_BYTES):
-                g, q = _ops.sum_sq(tile) if route == "direct" else _ops.grad_sq(*tile)
-                grad, sq = (g, q) if grad is None else (grad.add_(g), sq.add_(q))
+                if route == "direct":
+                    fuse, part = False, _ops.sum_sq(tile)
+                else:
+                    part = _ops.grad_bias_sq(*tile) if fuse else _ops.grad_sq(*tile)
+                sums = list(part) if sums is None else [a.add_(b) for a, b in zip(sums, part)]
             shape = self.module.weight.shape
-            out["weight"] = (grad.reshape(shape), sq.reshape(shape))
-        for name, ps in self.per_sample(calls).items():
-            if name in names:
-                out[name] = _ops.sum_sq(ps)
+            out["weight"] = (sums[0].reshape(shape), sums[1].reshape(shape))
+            if fuse:
+                out["bias"] = (sums[2].reshape(-1), sums[3].reshape(-1))
+        if names - out.keys():
+            for name, ps in self.per_sample(calls).items():
+                if name in names and name not in out:
+                    out[name] = _ops.sum_sq(ps)
         return out
 
 
