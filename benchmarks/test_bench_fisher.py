@@ -11,7 +11,7 @@ from models import MODELS, make
 ROUNDS = dict(rounds=5, iterations=1, warmup_rounds=1)
 # The methods within 2x of a step get more rounds: at a few ms a call, 5 rounds on this shared
 # machine leave the median ratio +-10 % from run to run.
-FAST = ("step", "fastprune", "backpack")
+FAST = ("step", "fastprune", "fastprune-collector", "backpack")
 
 
 def plain_step(model, x, y):
@@ -21,6 +21,11 @@ def plain_step(model, x, y):
 
 def fastprune_diag(model, x, y):
     return fastprune.fisher_diag(model, [(x, y)], return_grad=True, progress=False)
+
+
+def fastprune_collector(model):
+    collector = fastprune.FisherCollector(model)  # plan and checks once, reused by every call
+    return lambda x, y: collector([(x, y)], return_grad=True, progress=False)
 
 
 def torch_func(model, x, y):
@@ -72,7 +77,8 @@ def plain(fn):
 
 
 # Each entry prepares a model once (hooks, extensions) and returns the timed call.
-METHODS = {"step": plain(plain_step), "fastprune": plain(fastprune_diag), "torch.func": plain(torch_func),
+METHODS = {"step": plain(plain_step), "fastprune": plain(fastprune_diag), "fastprune-collector": fastprune_collector,
+           "torch.func": plain(torch_func),
            "backpack": backpack_diag, "opacus": opacus_diag, "per-sample-loop": plain(per_sample_loop)}
 
 

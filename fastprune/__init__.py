@@ -21,7 +21,7 @@ from .masks import apply_masks, load_pruned_state_dict, remove_masks
 from .pruning import Pruner, geometric_schedule, prune
 from .report import sparsity_report
 from .second_order import inverse
-from .stats import FisherBlocks, fisher_diag, per_sample_gradients
+from .stats import FisherBlocks, FisherCollector, fisher_diag, per_sample_gradients
 from .targets import find_targets
 from .training import loops, optim, schedules
 
@@ -32,5 +32,5 @@ for _module in (optim, schedules, loops, inverse):
 del _module
 
 __version__ = "0.1.0"
-__all__ = ["prune", "Pruner", "optim", "schedules", "loops", "sparse", "fisher_diag", "FisherBlocks", "per_sample_gradients", "criteria", "apply_masks", "remove_masks", "load_pruned_state_dict", "sparsity_report",
+__all__ = ["prune", "Pruner", "optim", "schedules", "loops", "sparse", "fisher_diag", "FisherCollector", "FisherBlocks", "per_sample_gradients", "criteria", "apply_masks", "remove_masks", "load_pruned_state_dict", "sparsity_report",
            "find_targets", "geometric_schedule", "kth_smallest", "empty_cache", "cpu_isa", "NonFiniteError"]

@@ -45,12 +45,12 @@ def test_step_carries_targets_masks_and_group(mlp):
 
 def test_loss_model_sums_over_the_callers_group(mlp, monkeypatch):
     seen = {}
-    real = loss_model.fisher_diag
+    real = loss_model.FisherCollector.__call__
 
-    def spy(*args, process_group=None, **kwargs):
+    def spy(self, *args, process_group=None, **kwargs):
         seen["group"] = process_group
-        return real(*args, **kwargs)
-    monkeypatch.setattr(loss_model, "fisher_diag", spy)
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(loss_model.FisherCollector, "__call__", spy)
     sentinel = object()
     pruner = fastprune.Pruner(mlp, QM(fisher="empirical"), 0.5, data=data())
     pruner.process_group = sentinel

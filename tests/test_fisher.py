@@ -432,3 +432,44 @@ def test_memory_budgets_raise_before_any_work():
     with pytest.raises(MemoryError, match="per-sample gradients of 32 samples"):
         fastprune.per_sample_gradients(model, x, y, max_memory=1000)
     assert fastprune.per_sample_gradients(model, x, y)["0.weight"].shape == (32, 128)
+
+
+def test_collector_reuses_its_plan_and_follows_the_model(monkeypatch):
+    from fastprune.stats import fisher as fisher_module
+    built = []
+    real = fisher_module.plan_stats
+    monkeypatch.setattr(fisher_module, "plan_stats", lambda *a, **k: built.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(12, 7, dtype=torch.float64), torch.randint(0, 3, (12,))
+    collector = fastprune.FisherCollector(model)
+    for size in (4, 12, 5):  # several calls, batch sizes and ragged batches
+        diag, grad = collector(batches(x, y, size), return_grad=True, progress=False)
+        ref_diag, ref_grad = diag_and_grad(model, x, y)
+        for k in ref_diag:
+            torch.testing.assert_close(diag[k], ref_diag[k], rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(grad[k], ref_grad[k], rtol=1e-10, atol=1e-12)
+    assert len(built) == 1
+    # Pruning changes the parameters (weight_orig + mask): a new plan, masked entries zero.
+    fastprune.prune(model, fastprune.criteria.Magnitude(), 0.5, progress=False)
+    diag = collector(batches(x, y, 4), progress=False)
+    assert len(built) == 2 and set(diag) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    assert torch.all(diag["0.weight"][model[0].weight_mask == 0] == 0)
+    assert torch.count_nonzero(diag["0.weight"]) > 0
+    # Freezing a parameter drops it from the statistics.
+    model[0].bias.requires_grad_(False)
+    diag = collector(batches(x, y, 4), progress=False)
+    assert len(built) == 3 and "0.bias" not in diag
+
+
+def test_collector_argument_errors():
+    model = nn.Sequential(nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="fisher must be one of"):
+        fastprune.FisherCollector(model, fisher="exact")
+    with pytest.raises(ValueError, match="bn must be 'raise' or 'eval'"):
+        fastprune.FisherCollector(model, bn="train")
+    with pytest.raises(ValueError, match="unknown loss"):
+        fastprune.FisherCollector(model, "hinge")
+    collector = fastprune.FisherCollector(model)
+    with pytest.raises(ValueError, match="data yielded no samples"):
+        collector([(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))], progress=False)

@@ -2,7 +2,7 @@
 Unstructured Pruning": linear (LM / Taylor), quadratic (QM) and OBD."""
 from __future__ import annotations
 
-from ..stats.fisher import fisher_diag
+from ..stats.fisher import FisherCollector
 from ..stats.losses import FISHER_KINDS
 from ..validate import optional_integer, real
 from .base import Criterion
@@ -48,14 +48,23 @@ class LossModel(Criterion):
         self.order, self.fisher, self.lam, self.gradient = order, fisher, float(lam), gradient
         self.max_samples = optional_integer(max_samples, "max_samples", 1)
         self.progress = progress
+        self._collector = None
+
+    def _statistics(self, step, kind: str, modules: list[str]):
+        """The step's (diag, grad), from a collector kept across the steps of one run: it
+        re-plans only when pruning changed the model (each step's masks do not)."""
+        c = self._collector
+        if c is None or c.model is not step.model or c.loss_fn is not step.loss_fn or c.fisher != kind \
+                or c.modules != modules:
+            c = self._collector = FisherCollector(step.model, step.loss_fn, fisher=kind, modules=modules)
+        return c(step.data, max_samples=self.max_samples, return_grad=True, progress=self.progress,
+                 process_group=step.process_group)
 
     def score_step(self, step):
         modules = [t.name.rpartition(".")[0] for t in step.targets]
         # The first-order model needs only the gradient, which the empirical pass gives for free.
         kind = "empirical" if self.order == 1 else self.fisher
-        h, g = fisher_diag(step.model, step.data, step.loss_fn, fisher=kind, modules=modules,
-                           max_samples=self.max_samples, return_grad=True, progress=self.progress,
-                           process_group=step.process_group)
+        h, g = self._statistics(step, kind, modules)
         out = {}
         for name, w in step.params.items():
             w = w.to(h[name].dtype)

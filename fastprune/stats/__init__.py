@@ -10,6 +10,6 @@ gradients, without holding N x params gradients.
   ``per_sample_gradients``) are the entry points.
 """
 from .blocks import FisherBlocks, per_sample_gradients
-from .fisher import fisher_diag
+from .fisher import FisherCollector, fisher_diag
 
-__all__ = ["fisher_diag", "FisherBlocks", "per_sample_gradients"]
+__all__ = ["fisher_diag", "FisherCollector", "FisherBlocks", "per_sample_gradients"]

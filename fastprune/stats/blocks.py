@@ -46,11 +46,9 @@ def accumulate_blocks(blocks: torch.Tensor, grads: torch.Tensor, block_size: int
     blocks.baddbmm_(per_block.transpose(1, 2), per_block)
 
 
-def _empirical(y, n: int, plan):
-    """The one pass at the true labels ``y``, each of the ``n`` samples weighted 1."""
-    p = next(iter(plan.params.values()))
-    dtype = p.dtype if p.is_floating_point() else torch.float32
-    return lambda outputs: iter([(y, torch.ones(n, dtype=dtype, device=p.device), "grad")])
+def _empirical(y):
+    """The one pass at the true labels ``y``, every sample weighted 1."""
+    return lambda outputs: iter([(y, None, "grad")])
 
 
 class FisherBlocks:
@@ -142,7 +140,7 @@ class FisherBlocks:
                 self._count = 0
         with phase("stats"), batchnorm_eval(self.model, self.bn):
             verify_plan(self.model, self._plan, inputs, targets, fn, self._strict)
-            passes = run_passes(self.model, self._plan, inputs, fn, _empirical(targets, n, self._plan), n)
+            passes = run_passes(self.model, self._plan, inputs, fn, _empirical(targets), n)
             for _, calls, fallback in passes:
                 # Per-sample gradients of finite inputs and output gradients are finite (short of
                 # overflow): checked before the sums take them in.
@@ -253,7 +251,7 @@ class PerSampleGradients:
         plan, out, n = self.plan, {}, num_samples(inputs, targets)
         with phase("stats"), batchnorm_eval(self.model, "raise"):
             verify_plan(self.model, plan, inputs, targets, self.loss_fn, self.strict)
-            passes = run_passes(self.model, plan, inputs, self.loss_fn, _empirical(targets, n, plan), n)
+            passes = run_passes(self.model, plan, inputs, self.loss_fn, _empirical(targets), n)
             for _, calls, fallback in passes:
                 for mod_name, (formula, _) in plan.native.items():
                     if mod_name in calls:

@@ -109,6 +109,9 @@ def fallback_per_sample(model: nn.Module, plan: StatsPlan, inputs: torch.Tensor,
     one backward per sample where vmap cannot run the model (recurrent layers)."""
     if not plan.fallback:
         return {}
+    if weight is None:  # every sample weighted 1
+        p = next(iter(plan.params[k] for k in plan.fallback))
+        weight = torch.ones(num_samples(inputs, targets), dtype=p.dtype, device=p.device)
     # A tied Parameter is passed under one of its names only: functional_call ties the rest.
     fb = {actual: plan.params[key].detach() for key, actual in plan.fallback.items()}
     ids = {id(plan.params[key]) for key in plan.fallback}
@@ -150,11 +153,12 @@ def _per_sample_loop(model, plan, inputs, targets, weight, loss_fn, why: Excepti
 
 
 def run_passes(model, plan, inputs, loss_fn, make_passes, n: int):
-    """Forward once; ``make_passes(outputs)`` yields (targets, sqrt_weight, tag) and, for
+    """Forward once; ``make_passes(outputs)`` yields (targets, sqrt_weight or None, tag) and, for
     each, this yields (tag, captured calls with output gradients, fallback per-sample
     gradients)."""
     cap, outputs = capture_forward(model, plan, inputs)
     for t, w, tag in make_passes(outputs):
-        total = (per_sample_loss(loss_fn, outputs, t, n) * w).sum()
+        losses = per_sample_loss(loss_fn, outputs, t, n)
+        total = losses.sum() if w is None else (losses * w).sum()
         calls = output_grads(total, cap.calls, plan.sample_dims) if cap.calls else {}
         yield tag, calls, fallback_per_sample(model, plan, inputs, t, w, loss_fn)

@@ -72,14 +72,15 @@ def fisher_passes(fisher: str, loss_name: str | None, outputs, targets, mc_sampl
                   generator: torch.Generator | None, n: int, dtype: torch.dtype
                   ) -> Iterator[tuple[object, torch.Tensor]]:
     """Yields (targets, sqrt_weight) pairs; the Fisher is the sum over passes of the
-    per-sample gradient products, each sample's gradient scaled by sqrt_weight.
+    per-sample gradient products, each sample's gradient scaled by sqrt_weight (None:
+    every sample weighted 1).
 
     empirical: the true labels. mc: ``mc_samples`` labels drawn from the model's
     predictive, weight 1/mc_samples each. true: every class c, weight p(c | x),
     the exact expectation (the GGN of softmax cross-entropy). ``outputs`` are passed to
     the loss as the model returns them (a dict or a ModelOutput too); ``n`` samples."""
     if fisher == "empirical":
-        yield targets, torch.ones(n, dtype=dtype, device=_device_of(targets, outputs))
+        yield targets, None  # weight 1 for every sample: nothing to multiply
         return
     if not isinstance(outputs, torch.Tensor):
         raise ValueError(f"fisher={fisher!r} draws labels from the model's predictive distribution, so the model "
@@ -99,11 +100,6 @@ def fisher_passes(fisher: str, loss_name: str | None, outputs, targets, mc_sampl
     else:
         for c in range(probs.shape[1]):
             yield torch.full((n,), c, dtype=torch.long, device=outputs.device), probs[:, c].sqrt().to(dtype)
-
-
-def _device_of(*candidates) -> torch.device:
-    """The device of the first tensor among ``candidates`` (CPU when none is one)."""
-    return next((c.device for c in candidates if isinstance(c, torch.Tensor)), torch.device("cpu"))
 
 
 @contextmanager

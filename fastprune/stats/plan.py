@@ -36,6 +36,12 @@ class StatsPlan:
     def keys(self) -> list[str]:
         return list(self.params)
 
+    def copy(self) -> "StatsPlan":
+        """A plan that verification can change (modules moved to the fallback) without
+        changing this one; formulas, masks and parameters are shared."""
+        return StatsPlan(dict(self.native), dict(self.fallback), dict(self.masks), dict(self.params),
+                         self.verified, dict(self.sample_dims))
+
 
 def _key(module_name: str, local: str) -> str:
     return f"{module_name}.{local}" if module_name else local

@@ -26,7 +26,7 @@ from .capture import captured_forward, output_grads
 from .losses import per_sample_loss
 from .plan import StatsPlan, fallback
 
-__all__ = ["verify_plan"]
+__all__ = ["verify_plan", "input_signature"]
 
 # Samples of the probe: two, so that a layer mixing or mislaying samples shows.
 PROBE_SAMPLES = 2
@@ -38,7 +38,8 @@ def _tolerance(dtype: torch.dtype) -> float:
     return 1e-4 if dtype in (torch.float32, torch.float64) else 5e-2
 
 
-def _signature(plan: StatsPlan, inputs) -> tuple:
+def input_signature(plan: StatsPlan, inputs) -> tuple:
+    """What a verdict depends on: the inputs' layout and the plan's modules."""
     # Unsplittable inputs change shape from batch to batch: their dtypes alone key the verdict.
     layout = tuple((tuple(t.shape[1:]) if splittable(inputs) else (), str(t.dtype)) for t in leaves(inputs))
     return layout, tuple((name, id(f.module), tuple(sorted(keys))) for name, (f, keys) in plan.native.items())
@@ -122,7 +123,7 @@ def verify_plan(model: nn.Module, plan: StatsPlan, inputs, targets, loss_fn, str
     if not plan.native or plan.verified:
         return
     verdicts = _verdicts.setdefault(model, {})
-    sig = _signature(plan, inputs)
+    sig = input_signature(plan, inputs)
     verdict = verdicts.get(sig)
     if verdict is None:
         verdict = _probe(model, plan, inputs, targets, loss_fn)
