@@ -81,20 +81,26 @@ std::tuple<at::Tensor, at::Tensor> bias_sums(const at::Tensor& dy, const at::Ten
   return {grad, sq};
 }
 
-// (sum_n G_n, sum_n G_n^2), each (G, O, K), and with `bias` the bias sums of
-// bias_sums (undefined tensors without). `reduce(tile, grad, sq)` adds a tile's
-// column sums and column sums of squares into the flat accumulators in one pass.
+// What grad_sq_impl returns: the weight's (sum_n G_n, sum_n G_n^2), each (G, O, K); with
+// `bias`, the bias's sums of bias_sums; and `bound`, a 0-dim tensor at least every entry
+// of both squared sums, finite exactly when they all are (their non-negative total).
+struct GradSums {
+  at::Tensor grad, sq, bias_grad, bias_sq, bound;
+};
+
+// The sums, all times `scale`. `reduce(tile, grad, sq)` adds a tile's column sums and
+// column sums of squares into the flat accumulators in one pass.
 template <typename Reduce>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grad_sq_impl(const at::Tensor& x_in,
-                                                                        const at::Tensor& dy_in, Reduce reduce,
-                                                                        bool bias = false) {
+GradSums grad_sq_impl(const at::Tensor& x_in, const at::Tensor& dy_in, Reduce reduce, bool bias = false,
+                      double scale = 1.0) {
   check_stats_inputs(x_in, dy_in, "grad_sq");
   const auto acc = acc_type(x_in.scalar_type());
   const at::Tensor x = x_in.to(acc), dy = dy_in.to(acc);
   const int64_t N = x.size(0), G = x.size(1), K = x.size(3), O = dy.size(3);
-  at::Tensor bias_grad, bias_sq;
+  GradSums out;
   if (x.size(2) == 1) {
-    // Rank-1 per-sample gradients: sum_n (dy_n x_n^T)^2 = (dy^2)^T x^2, two GEMMs.
+    // Rank-1 per-sample gradients: sum_n (dy_n x_n^T)^2 = (dy^2)^T x^2, two GEMMs, the
+    // scale applied by the GEMMs (beta 0: the outputs are not read).
     // Square before permuting: elementwise ops on the (N, G, .) layout stay contiguous.
     const auto x1 = x.select(2, 0), dy1 = dy.select(2, 0);
     // Every buffer comes from the host cache (see buffer_cache.h); mul is about 2x
@@ -102,42 +108,66 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grad_sq_impl(const at
     at::Tensor x2 = empty_cached(x1.sizes(), x.options()), dy2 = empty_cached(dy1.sizes(), x.options());
     at::mul_out(x2, x1, x1);
     at::mul_out(dy2, dy1, dy1);
-    at::Tensor grad = empty_cached({G, O, K}, x.options()), sq = empty_cached({G, O, K}, x.options());
+    out.grad = empty_cached({G, O, K}, x.options());
+    out.sq = empty_cached({G, O, K}, x.options());
     if (G == 1) {
-      at::Tensor g0 = grad.select(0, 0), q0 = sq.select(0, 0);
-      at::mm_out(g0, dy1.select(1, 0).t(), x1.select(1, 0));
-      at::mm_out(q0, dy2.select(1, 0).t(), x2.select(1, 0));
+      at::Tensor g0 = out.grad.select(0, 0), q0 = out.sq.select(0, 0);
+      at::addmm_out(g0, g0, dy1.select(1, 0).t(), x1.select(1, 0), 0, scale);
+      at::addmm_out(q0, q0, dy2.select(1, 0).t(), x2.select(1, 0), 0, scale);
     } else {
-      at::bmm_out(grad, dy1.permute({1, 2, 0}), x1.permute({1, 0, 2}));
-      at::bmm_out(sq, dy2.permute({1, 2, 0}), x2.permute({1, 0, 2}));
+      at::baddbmm_out(out.grad, out.grad, dy1.permute({1, 2, 0}), x1.permute({1, 0, 2}), 0, scale);
+      at::baddbmm_out(out.sq, out.sq, dy2.permute({1, 2, 0}), x2.permute({1, 0, 2}), 0, scale);
     }
-    if (bias) std::tie(bias_grad, bias_sq) = bias_sums(dy, dy2, reduce);
-    return {grad, sq, bias_grad, bias_sq};
+    // sum_ok sq = sum_n sum_g |dy2_ng| |x2_ng| from the inputs: no pass over the sums.
+    out.bound = (dy2.sum(-1) * x2.sum(-1)).sum() * scale;
+    if (bias) {
+      std::tie(out.bias_grad, out.bias_sq) = bias_sums(dy, dy2, reduce);
+      if (scale != 1.0) {
+        out.bias_grad.mul_(scale);
+        out.bias_sq.mul_(scale);
+      }
+      out.bound = out.bound + out.bias_sq.sum();
+    }
+    return out;
   }
-  if (bias) std::tie(bias_grad, bias_sq) = bias_sums(dy, at::Tensor(), reduce);
-  at::Tensor grad = empty_cached({G, O, K}, x.options()).zero_(), sq = empty_cached({G, O, K}, x.options()).zero_();
+  if (bias) std::tie(out.bias_grad, out.bias_sq) = bias_sums(dy, at::Tensor(), reduce);
+  out.grad = empty_cached({G, O, K}, x.options()).zero_();
+  out.sq = empty_cached({G, O, K}, x.options()).zero_();
   if (prefer_gemm_loop(x, dy)) {
     // One sample at a time: its gradient stays cache-resident between GEMM and reduction.
     at::Tensor buf = empty_cached({G, O, K}, x.options());
     const at::Tensor row = buf.view({1, -1});
     for (int64_t n = 0; n < N; ++n) {
       per_sample_into(x, dy, n, buf);
-      reduce(row, grad, sq);
+      reduce(row, out.grad, out.sq);
     }
-    return {grad, sq, bias_grad, bias_sq};
+  } else {
+    const int64_t step = samples_per_tile(G * O * K);
+    for (int64_t s0 = 0; s0 < N; s0 += step) {
+      reduce(per_sample_tile(x, dy, s0, std::min(N, s0 + step)), out.grad, out.sq);
+    }
   }
-  const int64_t step = samples_per_tile(G * O * K);
-  for (int64_t s0 = 0; s0 < N; s0 += step) {
-    reduce(per_sample_tile(x, dy, s0, std::min(N, s0 + step)), grad, sq);
+  for (at::Tensor* t : {&out.grad, &out.sq, &out.bias_grad, &out.bias_sq}) {
+    if (t->defined() && scale != 1.0) t->mul_(scale);
   }
-  return {grad, sq, bias_grad, bias_sq};
+  out.bound = bias ? out.sq.sum() + out.bias_sq.sum() : out.sq.sum();
+  return out;
 }
 
-// The grad_sq op (weight sums only) and the grad_bias_sq op (weight and bias sums).
+// The grad_sq op (weight sums only) and the grad_bias_sq op (weight and bias sums,
+// scaled, with their bound).
 template <typename Reduce>
 std::tuple<at::Tensor, at::Tensor> grad_sq_only(const at::Tensor& x, const at::Tensor& dy, Reduce reduce) {
-  auto [grad, sq, unused_g, unused_q] = grad_sq_impl(x, dy, reduce);
-  return {grad, sq};
+  GradSums s = grad_sq_impl(x, dy, reduce);
+  return {s.grad, s.sq};
+}
+
+template <typename Reduce>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grad_bias_sq_op(const at::Tensor& x,
+                                                                                     const at::Tensor& dy,
+                                                                                     double scale, Reduce reduce) {
+  GradSums s = grad_sq_impl(x, dy, reduce, true, scale);
+  return {s.grad, s.sq, s.bias_grad, s.bias_sq, s.bound};
 }
 
 // (sum_n t_n, sum_n t_n^2) over the first dim of t (N, *shape), each of shape

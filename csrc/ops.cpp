@@ -30,9 +30,11 @@ TORCH_LIBRARY(fastprune, m) {
   // Sums over samples of G_n and of G_n^2 (elementwise), each (G, O, K).
   m.def("grad_sq(Tensor x, Tensor dy) -> (Tensor, Tensor)");
   // The same plus the sums for the layer's bias, whose per-sample gradient is
-  // sum_t dy[n,:,t] (G, O): (weight sum, weight sum of squares, bias sum, bias sum of
-  // squares) in one call (Linear and Conv layers with a bias).
-  m.def("grad_bias_sq(Tensor x, Tensor dy) -> (Tensor, Tensor, Tensor, Tensor)");
+  // sum_t dy[n,:,t] (G, O), all times `scale`, in one call (Linear and Conv layers):
+  // (weight sum, weight sum of squares, bias sum, bias sum of squares, bound), where
+  // bound (0-dim) is the total of both sums of squares, computed from x and dy alone
+  // when T = 1: finite exactly when every entry of them is.
+  m.def("grad_bias_sq(Tensor x, Tensor dy, float scale=1.0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Sums over the first dim of per-sample values t (N, *shape): (sum_n t_n, sum_n t_n^2),
   // each of `shape`, in one pass (biases and the other closed-form parameters).
   m.def("sum_sq(Tensor per_sample) -> (Tensor, Tensor)");

@@ -40,11 +40,11 @@ def _grad_sq_fake(x, dy):
 
 
 @torch.library.register_fake("fastprune::grad_bias_sq")
-def _grad_bias_sq_fake(x, dy):
+def _grad_bias_sq_fake(x, dy, scale=1.0):
     acc = acc_dtype(x.dtype)
     weight, bias = (x.shape[1], dy.shape[3], x.shape[3]), (x.shape[1], dy.shape[3])
     return (x.new_empty(weight, dtype=acc), x.new_empty(weight, dtype=acc), x.new_empty(bias, dtype=acc),
-            x.new_empty(bias, dtype=acc))
+            x.new_empty(bias, dtype=acc), x.new_empty((), dtype=acc))
 
 
 @torch.library.register_fake("fastprune::sum_sq")
@@ -110,11 +110,14 @@ def grad_sq(x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return torch.ops.fastprune.grad_sq(x, dy)
 
 
-def grad_bias_sq(x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """:func:`grad_sq` plus the layer's bias sums in the same call: the bias's per-sample
-    gradient is ``dy[n].sum(1)`` (G, O), so this returns (weight sum, weight sum of
-    squares, bias sum, bias sum of squares), the bias ones (G, O)."""
-    return torch.ops.fastprune.grad_bias_sq(x, dy)
+def grad_bias_sq(x: torch.Tensor, dy: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, ...]:
+    """:func:`grad_sq` plus the layer's bias sums in the same call, everything times
+    ``scale``: the bias's per-sample gradient is ``dy[n].sum(1)`` (G, O). Returns (weight
+    sum, weight sum of squares, bias sum, bias sum of squares, bound), the bias ones
+    (G, O) and ``bound`` a 0-dim total of both sums of squares, finite exactly when
+    every entry of them is (computed from ``x`` and ``dy`` when T = 1, so checking the
+    statistics costs no pass over them)."""
+    return torch.ops.fastprune.grad_bias_sq(x, dy, float(scale))
 
 
 def sum_sq(per_sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,14 +35,30 @@ def test_grad_bias_sq_adds_the_bias_sums(shape, dtype):
     dy = torch.randn(n, g, o, t, dtype=dtype).transpose(2, 3)
     ps = explicit(x, dy)
     bias = dy.double().sum(2).flatten(1)  # (N, G*O)
-    grad, sq, bgrad, bsq = _ops.grad_bias_sq(x, dy)
     tol = {torch.float64: 1e-12, torch.float32: 1e-4, torch.bfloat16: 1e-2}[dtype]
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    assert grad.dtype == bgrad.dtype == acc and bgrad.shape == bsq.shape == (g, o)
-    torch.testing.assert_close(grad.flatten().double(), ps.sum(0), rtol=tol, atol=tol)
-    torch.testing.assert_close(sq.flatten().double(), ps.square().sum(0), rtol=tol, atol=tol)
-    torch.testing.assert_close(bgrad.flatten().double(), bias.sum(0), rtol=tol, atol=tol)
-    torch.testing.assert_close(bsq.flatten().double(), bias.square().sum(0), rtol=tol, atol=tol)
+    for scale in (1.0, 0.25):
+        grad, sq, bgrad, bsq, bound = _ops.grad_bias_sq(x, dy, scale=scale)
+        assert grad.dtype == bgrad.dtype == bound.dtype == acc and bgrad.shape == bsq.shape == (g, o)
+        assert bound.shape == ()
+        torch.testing.assert_close(grad.flatten().double(), scale * ps.sum(0), rtol=tol, atol=tol)
+        torch.testing.assert_close(sq.flatten().double(), scale * ps.square().sum(0), rtol=tol, atol=tol)
+        torch.testing.assert_close(bgrad.flatten().double(), scale * bias.sum(0), rtol=tol, atol=tol)
+        torch.testing.assert_close(bsq.flatten().double(), scale * bias.square().sum(0), rtol=tol, atol=tol)
+        torch.testing.assert_close(bound.double(), scale * (ps.square().sum() + bias.square().sum()), rtol=tol,
+                                   atol=tol)
+
+
+@pytest.mark.parametrize("t", [1, 3])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e30])
+def test_grad_bias_sq_bound_is_non_finite_with_the_sums(t, bad):
+    # 1e30 is finite, but its square overflows float32: the sums are inf, so must be the bound.
+    x, dy = torch.randn(6, 1, t, 5), torch.randn(6, 1, t, 4)
+    x[2, 0, 0, 3] = bad
+    grad, sq, _, bsq, bound = _ops.grad_bias_sq(x, dy)
+    assert not bool(sq.isfinite().all()) and not bool(bound.isfinite())
+    _, _, _, _, bound = _ops.grad_bias_sq(torch.randn(6, 1, t, 5), dy)
+    assert bool(bound.isfinite())
 
 
 @pytest.mark.parametrize("block", [1, 4, 7, 45, 64])
@@ -80,8 +96,8 @@ def test_errors():
 def test_opcheck():
     x, dy = torch.randn(4, 2, 3, 5), torch.randn(4, 2, 3, 2)
     torch.library.opcheck(torch.ops.fastprune.grad_sq.default, (x, dy))
-    torch.library.opcheck(torch.ops.fastprune.grad_bias_sq.default, (x, dy))
-    torch.library.opcheck(torch.ops.fastprune.grad_bias_sq.default, (x[:, :, :1], dy[:, :, :1]))
+    torch.library.opcheck(torch.ops.fastprune.grad_bias_sq.default, (x, dy, 0.5))
+    torch.library.opcheck(torch.ops.fastprune.grad_bias_sq.default, (x[:, :, :1], dy[:, :, :1], 1.0))
     torch.library.opcheck(torch.ops.fastprune.per_sample_grads.default, (x, dy))
     torch.library.opcheck(torch.ops.fastprune.grad_blocks_accumulate.default, (x, dy, torch.zeros(3, 8, 8)))
     torch.library.opcheck(torch.ops.fastprune.sum_sq.default, (torch.randn(5, 3, 2),))

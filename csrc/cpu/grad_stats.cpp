@@ -37,9 +37,9 @@ std::tuple<at::Tensor, at::Tensor> grad_sq_cpu(const at::Tensor& x, const at::Te
   return grad_sq_only(x, dy, reduce_tile_cpu);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grad_bias_sq_cpu(const at::Tensor& x,
-                                                                            const at::Tensor& dy) {
-  return grad_sq_impl(x, dy, reduce_tile_cpu, true);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grad_bias_sq_cpu(
+    const at::Tensor& x, const at::Tensor& dy, double scale) {
+  return grad_bias_sq_op(x, dy, scale, reduce_tile_cpu);
 }
 
 std::tuple<at::Tensor, at::Tensor> sum_sq_cpu(const at::Tensor& t) { return sum_sq_impl(t, reduce_tile_cpu); }

@@ -46,10 +46,10 @@ std::tuple<at::Tensor, at::Tensor> grad_sq_cuda(const at::Tensor& x, const at::T
   return grad_sq_only(x, dy, reduce_tile_cuda);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grad_bias_sq_cuda(const at::Tensor& x,
-                                                                             const at::Tensor& dy) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grad_bias_sq_cuda(
+    const at::Tensor& x, const at::Tensor& dy, double scale) {
   const c10::cuda::CUDAGuard guard(x.device());
-  return grad_sq_impl(x, dy, reduce_tile_cuda, true);
+  return grad_bias_sq_op(x, dy, scale, reduce_tile_cuda);
 }
 
 std::tuple<at::Tensor, at::Tensor> sum_sq_cuda(const at::Tensor& t) {

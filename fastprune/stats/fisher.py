@@ -101,7 +101,8 @@ class FisherCollector:
         gen = torch.Generator(device=device).manual_seed(self.seed) if fisher == "mc" else None
         sq_sums: dict[str, torch.Tensor] = {}
         grad_sums: dict[str, torch.Tensor] = {}
-        count, plan = 0, None
+        bounds: dict[str, torch.Tensor | None] = {}  # per key: finite exactly when its sq sum is
+        count, plan, scale = 0, None, None
 
         def add(store, key, value):
             # In place: every sum is a fresh buffer of the ops, and a new 1 MB tensor per batch
@@ -126,10 +127,16 @@ class FisherCollector:
                     if return_grad and fisher != "empirical":  # the gradient at the true labels
                         yield y, None, "grad"
 
+                # Every sum is scaled by 1 / (the first batch's size) inside the ops, so a
+                # single batch comes out as the mean with no pass over the results.
+                scale = 1.0 / n if scale is None else scale
                 for tag, calls, fallback in run_passes(model, plan, x, self._fn, make_passes, n):
-                    for key, (g, q) in _pass_sums(plan, calls, fallback):
+                    for key, (g, q, bound) in _pass_sums(plan, calls, fallback, scale):
                         if tag != "grad":
                             add(sq_sums, key, q)
+                            # A sum of bounds bounds the sum; one key without a bound is checked whole.
+                            bounds[key] = None if bound is None or bounds.get(key, 0) is None else \
+                                bound + bounds.get(key, 0)
                         if tag != "fisher":
                             add(grad_sums, key, g)
                 count += n
@@ -151,12 +158,14 @@ class FisherCollector:
             raise ValueError("data yielded no samples")
         # A non-finite g_n makes its square non-finite too, so the squares cover the gradients
         # of the same passes; a separate gradient pass (tag "grad") is checked on its own.
-        check_finite(list(sq_sums.items()) + ([] if fisher == "empirical" else list(grad_sums.items())),
+        check_finite([(k, q if bounds.get(k) is None else bounds[k]) for k, q in sq_sums.items()]
+                     + ([] if fisher == "empirical" else list(grad_sums.items())),
                      "non-finite per-sample gradients", _NONFINITE_HINT, exact=False)
-        diag = _finish(sq_sums, count, plan)
+        factor = 1.0 / (count * scale)  # 1 for one batch (sums are in scale units)
+        diag = _finish(sq_sums, factor, plan)
         if not return_grad:
             return diag
-        return diag, _finish(grad_sums, count, plan)
+        return diag, _finish(grad_sums, factor, plan)
 
 
 def fisher_diag(model: nn.Module, data, loss_fn=None, *, fisher: str = "empirical", mc_samples: int = 1,
@@ -219,22 +228,25 @@ def _check_fallback_memory(plan, batch: int, max_memory: int | None) -> None:
                   "use smaller batches, or leave these parameters out with modules=")
 
 
-def _pass_sums(plan, calls, fallback):
-    """(key, (sum of g_n, sum of g_n**2)) for every covered parameter in one pass."""
+def _pass_sums(plan, calls, fallback, scale: float):
+    """(key, (sum of g_n, sum of g_n**2, bound or None)) times ``scale`` for every
+    covered parameter in one pass (see PerSampleFormula.sums)."""
     for name, (formula, names) in plan.native.items():
         if name in calls:
-            for local, (g, q) in formula.sums(calls[name], names).items():
-                yield (f"{name}.{local}" if name else local), (g, q)
+            for local, sums in formula.sums(calls[name], names, scale).items():
+                yield (f"{name}.{local}" if name else local), sums
     for key, ps in fallback.items():
-        yield key, _ops.sum_sq(ps)
+        g, q = _ops.sum_sq(ps)
+        yield key, (g.mul_(scale), q.mul_(scale), None)
 
 
-def _finish(sums: dict[str, torch.Tensor], count: int, plan) -> dict[str, torch.Tensor]:
-    """Means over samples for every covered key, zero where pruned; unused parameters get zeros."""
+def _finish(sums: dict[str, torch.Tensor], factor: float, plan) -> dict[str, torch.Tensor]:
+    """The sums times ``factor`` (the means) for every covered key, zero where pruned;
+    unused parameters get zeros."""
     # The sums are this call's own buffers, so scale in place, all in one foreach call.
     present = list(sums.values())
-    if present:
-        torch._foreach_mul_(present, 1.0 / count)
+    if present and factor != 1.0:
+        torch._foreach_mul_(present, factor)
     out = {}
     for key in plan.keys:
         param = plan.params[key]

@@ -105,28 +105,32 @@ class PerSampleFormula:
         """Per-sample gradients (N, *shape) of the small parameters."""
         return {}
 
-    def sums(self, calls, names: set[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """{name: (sum_n g_n, sum_n g_n**2)} for the requested local parameter names."""
+    def sums(self, calls, names: set[str], scale: float = 1.0) -> dict[str, tuple]:
+        """{name: (sum_n g_n, sum_n g_n**2, bound)} times ``scale`` for the requested local
+        parameter names. ``bound`` is a 0-dim tensor that is finite exactly when the sum
+        of squares is (checking it needs no pass over that sum), or None."""
         out = {}
         if "weight" in names and self.has_weight_tiles:
-            # The grouped op also sums the bias (Linear, Conv: sum over positions of dy),
-            # one call per tile for both; the direct route leaves the bias to per_sample.
+            # The grouped op sums weight and bias (Linear, Conv: sum over positions of dy)
+            # in one call per tile; the direct route leaves the bias to per_sample.
             fuse = "bias" in names and "bias" in self.handles and self.module.bias is not None
             sums = None
             for route, tile in self.weight_tiles(calls, _SUM_TILE_BYTES):
                 if route == "direct":
-                    fuse, part = False, _ops.sum_sq(tile)
+                    fuse = False
+                    part = [t.mul_(scale) if scale != 1.0 else t for t in _ops.sum_sq(tile)] + [None, None, None]
                 else:
-                    part = _ops.grad_bias_sq(*tile) if fuse else _ops.grad_sq(*tile)
-                sums = list(part) if sums is None else [a.add_(b) for a, b in zip(sums, part)]
+                    part = list(_ops.grad_bias_sq(*tile, scale=scale))
+                sums = part if sums is None else [a if b is None else a.add_(b) for a, b in zip(sums, part)]
             shape = self.module.weight.shape
-            out["weight"] = (sums[0].reshape(shape), sums[1].reshape(shape))
+            out["weight"] = (sums[0].reshape(shape), sums[1].reshape(shape), sums[4])  # bound None: direct
             if fuse:
-                out["bias"] = (sums[2].reshape(-1), sums[3].reshape(-1))
+                out["bias"] = (sums[2].reshape(-1), sums[3].reshape(-1), sums[4])
         if names - out.keys():
             for name, ps in self.per_sample(calls).items():
                 if name in names and name not in out:
-                    out[name] = _ops.sum_sq(ps)
+                    g, q = _ops.sum_sq(ps)
+                    out[name] = (g.mul_(scale), q.mul_(scale), None) if scale != 1.0 else (g, q, None)
         return out
 
 
@@ -265,7 +269,7 @@ class EmbeddingFormula(PerSampleFormula):
     handles = ("weight",)
     feature_dims = 1
 
-    def sums(self, calls, names):
+    def sums(self, calls, names, scale=1.0):
         m = self.module
         n, (vocab, dim) = calls[0][0].shape[0], m.weight.shape
         ids = torch.cat([inp.reshape(n, -1) for inp, _ in calls], 1)
@@ -278,9 +282,9 @@ class EmbeddingFormula(PerSampleFormula):
         rows, inverse = torch.unique(key, return_inverse=True)  # one row per (sample, token id)
         per_row = dy.new_zeros(len(rows), dim).index_add_(0, inverse, dy.reshape(-1, dim))
         token = rows % vocab
-        grad = dy.new_zeros(vocab, dim).index_add_(0, token, per_row)
-        sq = dy.new_zeros(vocab, dim).index_add_(0, token, per_row.square())
-        return {"weight": (grad, sq)}
+        grad = dy.new_zeros(vocab, dim).index_add_(0, token, per_row, alpha=scale)
+        sq = dy.new_zeros(vocab, dim).index_add_(0, token, per_row.square(), alpha=scale)
+        return {"weight": (grad, sq, None)}
 
 
 class EmbeddingBagFormula(PerSampleFormula):
@@ -298,7 +302,7 @@ class EmbeddingBagFormula(PerSampleFormula):
         got = [args[i] if i < len(args) else kwargs.get(k) for i, k in enumerate(named)]
         return tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in got)
 
-    def sums(self, calls, names):
+    def sums(self, calls, names, scale=1.0):
         m = self.module
         vocab, dim = m.weight.shape
         keys, rows = [], []
@@ -321,9 +325,9 @@ class EmbeddingBagFormula(PerSampleFormula):
         unique, inverse = torch.unique(key, return_inverse=True)  # one row per (sample, token id)
         per_row = dy.new_zeros(len(unique), dim).index_add_(0, inverse, dy)
         token = unique % vocab
-        grad = dy.new_zeros(vocab, dim).index_add_(0, token, per_row)
-        sq = dy.new_zeros(vocab, dim).index_add_(0, token, per_row.square())
-        return {"weight": (grad, sq)}
+        grad = dy.new_zeros(vocab, dim).index_add_(0, token, per_row, alpha=scale)
+        sq = dy.new_zeros(vocab, dim).index_add_(0, token, per_row.square(), alpha=scale)
+        return {"weight": (grad, sq, None)}
 
 
 _FORMULAS = ((nn.Linear, LinearFormula), (nn.Conv1d, ConvFormula), (nn.Conv2d, ConvFormula),

@@ -100,7 +100,7 @@ def _probe(model: nn.Module, plan: StatsPlan, inputs, targets, loss_fn) -> tuple
     for name, (formula, locals_) in plan.native.items():
         sums = formula.sums(calls[name], set(locals_)) if name in calls and name not in bad else {}
         for local, key in keys[name]:
-            g, q = sums.get(local, (torch.zeros_like(ref_g[i]), torch.zeros_like(ref_q[i])))
+            g, q, _ = sums.get(local, (torch.zeros_like(ref_g[i]), torch.zeros_like(ref_q[i]), None))
             mask = plan.masks.get(key)
             if mask is not None:  # the formulas give gradients of the masked weight, autograd of weight_orig
                 g, q = g * mask, q * mask
