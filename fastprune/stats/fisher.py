@@ -42,12 +42,13 @@ def _structure(model: nn.Module) -> tuple:
 class FisherCollector:
     """The Fisher diagonal (and mean gradient) of one model, built for repeated calls.
 
-    :func:`fisher_diag` plans which formula covers each parameter, checks the plan
-    against autograd on the first samples and installs its hooks, on every call. A
-    collector does the planning and the check once per model state and input layout
-    and reuses them across calls and batches (an iterative pruner calls it every step;
-    on LeNet-300-100 at batch 256 that fixed cost was a tenth of a training step). The
-    plan is rebuilt when the model changes: a layer pruned, replaced or frozen.
+    :func:`fisher_diag` plans which formula covers each parameter and looks up its
+    check against autograd on every call. A collector does both once per model state
+    and input layout and reuses them across calls and batches (an iterative pruner
+    calls it every step; on LeNet-300-100 at batch 256 that was about 0.1 ms, some 6 %
+    of a training step). Its hooks are registered for each forward only, so the model
+    runs untouched between calls. The plan is rebuilt when the model changes: a layer
+    pruned, replaced or frozen.
 
     ``collector(data, return_grad=True)`` returns what ``fisher_diag(model, data,
     ..., return_grad=True)`` would, with the same arguments split between the
