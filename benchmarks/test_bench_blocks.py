@@ -53,8 +53,10 @@ def woodfisher_style(model, x, y):
 METHODS = {"fastprune": fastprune_blocks, "torch.bmm": bmm_same_shapes, "woodfisher-style": woodfisher_style}
 
 
-@pytest.mark.parametrize("model_key", list(CASES))
+# The method varies fastest: each group's methods run back to back, so a slow
+# phase of this shared machine hits all of them, not one method's every group.
 @pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("model_key", list(CASES))
 def test_fisher_blocks(benchmark, model_key, method):
     model, x, y = make(model_key)
     benchmark.group = f"fisher-blocks {model_key}"
