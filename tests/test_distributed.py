@@ -33,6 +33,12 @@ def statistics(rank):
     m = model()
     diag, grad = fastprune.fisher_diag(m, [(xs[:5], ys[:5]), (xs[5:], ys[5:])], return_grad=True, progress=False)
     true = fastprune.fisher_diag(m, [(xs, ys)], fisher="true", progress=False)
+    # First batches of different sizes on the ranks (the sums are scaled by the first
+    # batch's size inside the ops), and a rank that has no samples at all.
+    cut = 3 + 4 * rank
+    ragged = fastprune.FisherCollector(m)([(xs[:cut], ys[:cut]), (xs[cut:], ys[cut:])], return_grad=True,
+                                          progress=False)
+    one_sided = fastprune.fisher_diag(m, [(xs, ys)] if rank == 0 else [(xs[:0], ys[:0])], progress=False)
     fb = fastprune.FisherBlocks(m, block_size=16)
     fb.accumulate(xs[:4], ys[:4], "cross_entropy")
     first = fb.blocks("0.weight").clone()
@@ -42,7 +48,8 @@ def statistics(rank):
         uneven = "no error"
     except ValueError as e:
         uneven = str(e)
-    return {"diag": diag, "grad": grad, "true": true, "blocks_first": first, "blocks": fb.blocks("0.weight"),
+    return {"diag": diag, "grad": grad, "true": true, "ragged": ragged, "one_sided": one_sided,
+            "blocks_first": first, "blocks": fb.blocks("0.weight"),
             "count": fb.num_samples, "per_sample": fastprune.per_sample_gradients(m, xs[:5], ys[:5]),
             "uneven": uneven}
 
@@ -124,6 +131,12 @@ def test_statistics_equal_single_process_on_the_union(ranks):
             torch.testing.assert_close(got["diag"][k], diag[k], rtol=1e-10, atol=1e-12)
             torch.testing.assert_close(got["grad"][k], grad[k], rtol=1e-10, atol=1e-12)
             torch.testing.assert_close(got["true"][k], true[k], rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(got["ragged"][0][k], diag[k], rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(got["ragged"][1][k], grad[k], rtol=1e-10, atol=1e-12)
+    only_rank0 = fastprune.fisher_diag(m, [(shard(x, 0), shard(y, 0))], progress=False)
+    for r in ranks:
+        for k in diag:
+            torch.testing.assert_close(r["statistics"]["one_sided"][k], only_rank0[k], rtol=1e-10, atol=1e-12)
     fb = fastprune.FisherBlocks(m, block_size=16)
     first = torch.cat([shard(x, r)[:4] for r in range(WORLD)]), torch.cat([shard(y, r)[:4] for r in range(WORLD)])
     fb.accumulate(*first, "cross_entropy")

@@ -143,8 +143,16 @@ class FisherCollector:
                 count += n
         if plan is None:  # no sample on this rank: the keys still come from a plan
             plan = plan_stats(model, self.modules, self.strict)
+        scale = 1.0 if scale is None else scale
         group = resolve_group(process_group)
         if group is not None:
+            # The ranks' first batches differ in size, so their sums are in different units:
+            # back to plain sums before adding them up. Each rank's bounds cover only its own
+            # sums, so every rank checks the reduced sums themselves (and all raise alike).
+            if scale != 1.0:
+                torch._foreach_mul_(list(sq_sums.values()) + list(grad_sums.values()), 1.0 / scale)
+                scale = 1.0
+            bounds = {}
             # Every rank reduces the same tensors in the same order, used or not.
             for store, needed in ((sq_sums, True), (grad_sums, return_grad)):
                 for k in plan.keys if needed else ():
