@@ -473,3 +473,16 @@ def test_collector_argument_errors():
     collector = fastprune.FisherCollector(model)
     with pytest.raises(ValueError, match="data yielded no samples"):
         collector([(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))], progress=False)
+
+
+def test_a_loss_that_writes_the_output_in_place():
+    # The model's output is the head's captured output: a loss scaling it in place (a
+    # temperature) must not rebase it, on the first call or once the model is known.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(12, 7, dtype=torch.float64), torch.randint(0, 3, (12,))
+
+    def loss(out, t):
+        return F.cross_entropy(out.mul_(0.5), t, reduction="none")
+    for _ in range(2):
+        assert_stats(model, x, y, loss=loss, batch=4)

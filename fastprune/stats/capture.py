@@ -155,10 +155,19 @@ def _per_sample_loop(model, plan, inputs, targets, weight, loss_fn, why: Excepti
 def run_passes(model, plan, inputs, loss_fn, make_passes, n: int):
     """Forward once; ``make_passes(outputs)`` yields (targets, sqrt_weight or None, tag) and, for
     each, this yields (tag, captured calls with output gradients, fallback per-sample
-    gradients)."""
+    gradients). A loss that writes a captured output in place (uncopied: see
+    capture_forward) is caught before its gradients are taken, and the batch starts over
+    with copies."""
     cap, outputs = capture_forward(model, plan, inputs)
-    for t, w, tag in make_passes(outputs):
+    for i, (t, w, tag) in enumerate(make_passes(outputs)):
         losses = per_sample_loss(loss_fn, outputs, t, n)
+        if not cap.clone and cap.written_in_place():  # the loss wrote a captured output in place
+            _writes_in_place[model] = True
+            if i:  # earlier passes already saw the written values: nothing to redo them from
+                raise RuntimeError("the loss function modified the model's output in place after the first "
+                                   "Fisher pass; compute the loss out of place (e.g. out * 0.5, not out.mul_(0.5))")
+            yield from run_passes(model, plan, inputs, loss_fn, make_passes, n)
+            return
         total = losses.sum() if w is None else (losses * w).sum()
         calls = output_grads(total, cap.calls, plan.sample_dims) if cap.calls else {}
         yield tag, calls, fallback_per_sample(model, plan, inputs, t, w, loss_fn)
