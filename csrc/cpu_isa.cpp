@@ -9,7 +9,7 @@ namespace fastprune {
 namespace {
 
 CpuIsa detected() {
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)  // as the kernels' target attributes
   __builtin_cpu_init();
   // libgcc's checks include the OS saving the wider registers (XCR0).
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&

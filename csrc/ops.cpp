@@ -4,7 +4,7 @@
 //   csrc/composite/<family>.cpp  device-generic kernels built from ATen ops
 //                                (fisher_inverse, grad_blocks), one definition for every device;
 //   csrc/buffer_cache.cpp  the CPU kernels' host buffer cache and its empty_cache op;
-//   csrc/cpu_isa.cpp  the run-time choice of the CPU kernels' vector extension.
+//   csrc/cpu_isa.cpp  the run-time choice of sparse_mm's CPU vector extension.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -81,7 +81,7 @@ TORCH_LIBRARY(fastprune, m) {
   // returns the bytes released.
   m.def("empty_cache() -> int");
 
-  // The x86 vector extension of the CPU kernels (see cpu_isa.h): "" reads it; "auto",
+  // The x86 vector extension of the sparse_mm CPU kernel (see cpu_isa.h): "" reads it; "auto",
   // "avx512", "avx2" or "generic" sets it (up to what the CPU supports).
   m.def("cpu_isa(str request='') -> str");
 }

@@ -234,8 +234,9 @@ def has_cuda_kernels() -> bool:
 
 
 def cpu_isa(request: str = "") -> str:
-    """The x86 vector extension the CPU kernels run with: ``"avx512"``, ``"avx2"`` or
-    ``"generic"``. By default the widest this CPU supports, detected at load time.
+    """The x86 vector extension the sparse layers' CPU kernel (``sparse_mm``) runs with:
+    ``"avx512"``, ``"avx2"`` or ``"generic"``. By default the widest this CPU supports,
+    detected at load time (the other CPU kernels choose theirs per function).
 
     ``cpu_isa("avx2")`` (or ``"generic"``) switches to a narrower one, e.g. to compare
     them; ``cpu_isa("auto")`` goes back to the widest. Asking for more than the CPU
