@@ -26,12 +26,14 @@ def ce(o, t):
     return nn.functional.cross_entropy(o, t, reduction="none")
 
 
-def assert_diag(model, x, y, loss=ce, **kwargs):
+def assert_diag(model, x, y, loss=ce, collector=None, **kwargs):
+    """fisher_diag (or ``collector``) on two batches against one backward per sample."""
     ref = per_sample_loop(model, x, y, loss)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        diag, grad = fastprune.fisher_diag(model, [(x[:5], y[:5]), (x[5:], y[5:])], loss, return_grad=True,
-                                           progress=False, **kwargs)
+        batches = [(x[:5], y[:5]), (x[5:], y[5:])]
+        diag, grad = collector(batches, return_grad=True, progress=False) if collector is not None else \
+            fastprune.fisher_diag(model, batches, loss, return_grad=True, progress=False, **kwargs)
     for name, p in model.named_parameters():
         key = name[:-5] if name.endswith("_orig") else name
         mask = 1.0 if key == name else getattr(model.get_submodule(key.rpartition(".")[0]),
@@ -203,6 +205,21 @@ def test_attention_statistics_after_pruning():
     model = Encoder(batch_first=False).double()
     fastprune.prune(model, Magnitude(), 0.5, progress=False)
     assert_diag(model, torch.randint(0, 17, (9, 5)), torch.randint(0, 3, (9,)))
+
+
+@pytest.mark.parametrize("make", [lambda: TiedLM(), lambda: BatchSecond(), lambda: Encoder(batch_first=False)])
+def test_a_reused_collector_on_tied_time_first_and_attention_models(make):
+    # The plan, its (T, N) sample dims and its fallbacks are kept between calls; pruning
+    # in between re-plans. Every call must still equal one backward per sample.
+    model = make().double()
+    ids, y = torch.randint(0, 11, (9, 5)), torch.randint(0, 3, (9,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        collector = fastprune.FisherCollector(model, ce)
+    for _ in range(2):
+        assert_diag(model, ids, y, collector=collector)
+    fastprune.prune(model, Magnitude(), 0.5, progress=False)
+    assert_diag(model, ids, y, collector=collector)
 
 
 @pytest.mark.parametrize("cell", [nn.RNN, nn.GRU, nn.LSTM])
