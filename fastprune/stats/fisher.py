@@ -75,12 +75,15 @@ class FisherCollector:
         self._base = None
         self._verified: dict[tuple, object] = {}  # input layout -> the plan verified on it
 
-    def _plan_for(self, x, y):
-        """The plan for this batch: rebuilt if the model changed, verified once per layout."""
+    def _refresh(self) -> None:
+        """Re-plans if the model changed since the last call (once per call, not per batch)."""
         structure = _structure(self.model)
         if structure != self._structure:
             self._base = plan_stats(self.model, self.modules, self.strict)
             self._structure, self._verified = structure, {}
+
+    def _plan_for(self, x, y):
+        """The plan for this batch, verified once per input layout."""
         sig = input_signature(self._base, x)
         plan = self._verified.get(sig)
         if plan is None:
@@ -104,6 +107,7 @@ class FisherCollector:
         grad_sums: dict[str, torch.Tensor] = {}
         bounds: dict[str, torch.Tensor | None] = {}  # per key: finite exactly when its sq sum is
         count, plan, scale = 0, None, None
+        self._refresh()
 
         def add(store, key, value):
             # In place: every sum is a fresh buffer of the ops, and a new 1 MB tensor per batch
@@ -141,8 +145,8 @@ class FisherCollector:
                         if tag != "fisher":
                             add(grad_sums, key, g)
                 count += n
-        if plan is None:  # no sample on this rank: the keys still come from a plan
-            plan = plan_stats(model, self.modules, self.strict)
+        if plan is None:  # no sample on this rank: the keys still come from the plan
+            plan = self._base
         scale = 1.0 if scale is None else scale
         group = resolve_group(process_group)
         if group is not None:
