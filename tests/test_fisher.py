@@ -66,8 +66,8 @@ class Residual(nn.Module):
 
 
 def test_outputs_written_in_place_downstream_on_every_call():
-    # The first call copies the captured outputs and learns that the model writes them in
-    # place; later calls keep copying. Each must equal torch.func.
+    # The captured gradient edge is fc2's node, not its output tensor: the in-place writes
+    # rebase the tensor only. Each call must equal torch.func.
     torch.manual_seed(0)
     model = Residual().double()
     x, y = torch.randn(12, 6, dtype=torch.float64), torch.randint(0, 3, (12,))
@@ -76,8 +76,6 @@ def test_outputs_written_in_place_downstream_on_every_call():
 
 
 def test_a_model_that_starts_writing_in_place_later():
-    # Learnt "no in-place writes" on a first call, then the model writes in place: the
-    # forward runs again with copies instead of returning the rebased gradient.
     torch.manual_seed(0)
     model = Residual().double()
     model.in_place = False
@@ -85,6 +83,23 @@ def test_a_model_that_starts_writing_in_place_later():
     assert_stats(model, x, y, batch=4)
     model.in_place = True
     assert_stats(model, x, y, batch=4)
+
+
+def test_passes_refuse_a_loss_that_writes_the_shared_output_in_place():
+    # Several Fisher passes share one forward: a loss scaling the output in place would
+    # hand the next pass scaled values (and gradients), silently.
+    from fastprune.stats.capture import run_passes
+    from fastprune.stats.plan import plan_stats
+    model = nn.Sequential(nn.Linear(4, 3))
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+
+    def loss(out, t):
+        return F.cross_entropy(out.mul_(0.5), t, reduction="none")
+    passes = run_passes(model, plan_stats(model), x, loss, lambda out: iter([(y, None, "a"), (y, None, "b")]), 5)
+    with pytest.raises(RuntimeError, match="modified the model's output in place.*out of place"):
+        list(passes)
+    one = run_passes(model, plan_stats(model), x, loss, lambda out: iter([(y, None, "a")]), 5)
+    assert [tag for tag, _, _ in one] == ["a"]  # one pass: nothing sees the written values later
 
 
 def test_linear_4d_inputs_and_layernorm():
@@ -477,7 +492,7 @@ def test_collector_argument_errors():
 
 def test_a_loss_that_writes_the_output_in_place():
     # The model's output is the head's captured output: a loss scaling it in place (a
-    # temperature) must not rebase it, on the first call or once the model is known.
+    # temperature) rebases that tensor, not the head's gradient edge.
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     x, y = torch.randn(12, 7, dtype=torch.float64), torch.randint(0, 3, (12,))

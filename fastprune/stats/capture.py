@@ -1,7 +1,7 @@
 """One forward, then one backward per Fisher pass, capturing what the statistics need.
 
-Forward hooks record each adapted module's input and output; the backward is
-``torch.autograd.grad`` with respect to those outputs only, so autograd never
+Forward hooks record each adapted module's input and its output's gradient edge; the
+backward is ``torch.autograd.grad`` with respect to those edges only, so autograd never
 computes the weight gradients of a plain step (the statistics ops do, from the
 captured tensors). Parameters without an exact formula get per-sample gradients
 from ``torch.func`` (vmap over grad), with a one-time warning.
@@ -9,40 +9,51 @@ from ``torch.func`` (vmap over grad), with a one-time warning.
 from __future__ import annotations
 
 import warnings
-import weakref
 from collections import defaultdict
 
 import torch
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 from torch.func import functional_call, grad, vmap
 
-from ..batches import call, call_args, has_packed, num_samples, take, with_sample_dim
+from ..batches import call, call_args, has_packed, leaves, num_samples, take, with_sample_dim
 from .losses import per_sample_loss
 from .plan import StatsPlan
 
-__all__ = ["captured_forward", "capture_forward", "output_grads", "fallback_per_sample", "run_passes"]
+__all__ = ["captured_forward", "CapturedOutput", "output_grads", "fallback_per_sample", "run_passes"]
 
 _loop_warned: set[tuple[str, ...]] = set()
 
-# Models seen to write a captured output in place (ReLU(inplace=True), `out += identity`):
-# their captured outputs are handed on as copies. Others are not copied, which on the
-# benchmark CNN saves 28 MB of copies a call and their cache misses.
-_writes_in_place: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+class CapturedOutput:
+    """A captured call's output as the backward needs it: its gradient edge (the node
+    that produced it) and its metadata, not the tensor. The edge's gradient is the
+    layer's own output gradient even when the output is later written in place
+    (``ReLU(inplace=True)``, ``out += identity``, a loss's ``out.mul_(0.5)``): autograd
+    rebases the tensor, not the node. Not holding the tensor also lets the backward
+    free it as a plain step would (28 MB of activations on the benchmark CNN)."""
+
+    __slots__ = ("edge", "shape", "dtype", "device")
+
+    def __init__(self, out: torch.Tensor):
+        self.edge = get_gradient_edge(out)
+        self.shape, self.dtype, self.device = out.shape, out.dtype, out.device
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def zeros(self) -> torch.Tensor:
+        """The gradient of an output the loss does not reach."""
+        return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
 
 
 class captured_forward:
-    """Context manager: while active, adapted modules record (input, output) per call.
+    """Context manager: while active, adapted modules record (input, CapturedOutput)
+    per call, in ``calls[module name]``."""
 
-    An output written in place downstream would be rebased in the graph, so that its
-    gradient is no longer the layer's. With ``clone`` (the default), every captured
-    output is handed on as a copy. Without it, the output goes on as it is and
-    :meth:`written_in_place` tells afterwards whether any of them was modified (its
-    version counter moved); the caller then runs the forward again with copies."""
-
-    def __init__(self, plan: StatsPlan, clone: bool = True):
-        self.plan, self.clone = plan, clone
-        self.calls: dict[str, list[list[torch.Tensor]]] = defaultdict(list)
-        self._watched: list[tuple[torch.Tensor, int]] = []
+    def __init__(self, plan: StatsPlan):
+        self.plan = plan
+        self.calls: dict[str, list[tuple]] = defaultdict(list)
 
     def __enter__(self):
         formulas = {name: formula for name, (formula, _) in self.plan.native.items()}
@@ -51,12 +62,8 @@ class captured_forward:
             capture = formulas[name].capture
 
             def hook(module, args, kwargs, out):
-                if not (isinstance(out, torch.Tensor) and out.requires_grad):
-                    return None
-                self.calls[name].append([capture(args, kwargs), out])
-                passed = out.clone() if self.clone else out
-                self._watched.append((passed, passed._version))
-                return passed if self.clone else None
+                if isinstance(out, torch.Tensor) and out.requires_grad:
+                    self.calls[name].append((capture(args, kwargs), CapturedOutput(out)))
             return hook
 
         self.handles = [f.module.register_forward_hook(hook_for(n), with_kwargs=True) for n, f in formulas.items()]
@@ -66,38 +73,21 @@ class captured_forward:
         for h in self.handles:
             h.remove()
 
-    def written_in_place(self) -> bool:
-        """Whether a tensor handed downstream was modified in place during the forward."""
-        return any(t._version != v for t, v in self._watched)
 
-
-def capture_forward(model: nn.Module, plan: StatsPlan, inputs):
-    """One forward capturing every adapted module's calls: (captured_forward, outputs).
-    Outputs are copied only for models that write them in place (learnt per model: the
-    first forward copies and checks whether the copies were written)."""
-    known = _writes_in_place.get(model)
-    with captured_forward(plan, clone=known is not False) as cap:
-        outputs = call(model, inputs)
-    written = cap.written_in_place()
-    if known is None or written:
-        _writes_in_place[model] = written
-    if written and not cap.clone:  # the graph was rebased: run again with copies
-        with captured_forward(plan) as cap:
-            outputs = call(model, inputs)
-    return cap, outputs
-
-
-def output_grads(total: torch.Tensor, calls: dict[str, list[list[torch.Tensor]]],
-                 sample_dims: dict[str, int] | None = None) -> dict[str, list]:
+def output_grads(total: torch.Tensor, calls: dict[str, list[tuple]], sample_dims: dict[str, int] | None = None,
+                 retain_graph: bool = True) -> dict[str, list]:
     """d total / d output of every captured call, as {module: [(input, output_grad), ...]},
-    the samples moved to dim 0 for the modules of ``sample_dims`` (a (T, N, ...) layer)."""
+    the samples moved to dim 0 for the modules of ``sample_dims`` (a (T, N, ...) layer).
+    ``retain_graph=False`` for the last backward through the graph frees its saved
+    tensors as it goes."""
     sample_dims = sample_dims or {}
     flat = [(name, i) for name, cs in calls.items() for i in range(len(cs))]
-    grads = torch.autograd.grad(total, [calls[n][i][1] for n, i in flat], retain_graph=True, allow_unused=True)
+    grads = torch.autograd.grad(total, [calls[n][i][1].edge for n, i in flat], retain_graph=retain_graph,
+                                allow_unused=True)
     out: dict[str, list] = defaultdict(list)
     for (name, i), g in zip(flat, grads):
         inp, o = calls[name][i]
-        g = torch.zeros_like(o) if g is None else g
+        g = o.zeros() if g is None else g
         d = sample_dims.get(name)
         out[name].append((inp, g) if d is None else (inp.movedim(d, 0), g.movedim(d, 0)))
     return out
@@ -155,19 +145,18 @@ def _per_sample_loop(model, plan, inputs, targets, weight, loss_fn, why: Excepti
 def run_passes(model, plan, inputs, loss_fn, make_passes, n: int):
     """Forward once; ``make_passes(outputs)`` yields (targets, sqrt_weight or None, tag) and, for
     each, this yields (tag, captured calls with output gradients, fallback per-sample
-    gradients). A loss that writes a captured output in place (uncopied: see
-    capture_forward) is caught before its gradients are taken, and the batch starts over
-    with copies."""
-    cap, outputs = capture_forward(model, plan, inputs)
-    for i, (t, w, tag) in enumerate(make_passes(outputs)):
+    gradients). The graph is kept for every pass but the last."""
+    with captured_forward(plan) as cap:
+        outputs = call(model, inputs)
+    passes = list(make_passes(outputs))
+    returned = [(o, o._version) for o in leaves(outputs)] if len(passes) > 1 else []
+    for i, (t, w, tag) in enumerate(passes):
         losses = per_sample_loss(loss_fn, outputs, t, n)
-        if not cap.clone and cap.written_in_place():  # the loss wrote a captured output in place
-            _writes_in_place[model] = True
-            if i:  # earlier passes already saw the written values: nothing to redo them from
-                raise RuntimeError("the loss function modified the model's output in place after the first "
-                                   "Fisher pass; compute the loss out of place (e.g. out * 0.5, not out.mul_(0.5))")
-            yield from run_passes(model, plan, inputs, loss_fn, make_passes, n)
-            return
+        if any(o._version != v for o, v in returned):  # the next pass would see the written values
+            raise RuntimeError("the loss function modified the model's output in place, and this Fisher takes "
+                               f"{len(passes)} passes over the same output; compute the loss out of place "
+                               "(e.g. out * 0.5, not out.mul_(0.5))")
         total = losses.sum() if w is None else (losses * w).sum()
-        calls = output_grads(total, cap.calls, plan.sample_dims) if cap.calls else {}
+        last = i == len(passes) - 1
+        calls = output_grads(total, cap.calls, plan.sample_dims, retain_graph=not last) if cap.calls else {}
         yield tag, calls, fallback_per_sample(model, plan, inputs, t, w, loss_fn)

@@ -71,8 +71,10 @@ def _probe(model: nn.Module, plan: StatsPlan, inputs, targets, loss_fn) -> tuple
     # along which sample n's loss reaches index n alone.
     dims: dict[str, set[int]] = {}
     for n in range(k):
-        grads = torch.autograd.grad(losses[n], params + [out for _, out in outputs], retain_graph=True,
-                                    allow_unused=True, materialize_grads=True)
+        grads = torch.autograd.grad(losses[n], params + [out.edge for _, out in outputs], retain_graph=True,
+                                    allow_unused=True)
+        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(params, grads[: len(params)])] + \
+            [out.zeros() if g is None else g for (_, out), g in zip(outputs, grads[len(params):])]
         if not all(bool(g.isfinite().all()) for g in grads):
             return None
         for i, g in enumerate(grads[: len(params)]):
