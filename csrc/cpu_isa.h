@@ -1,7 +1,8 @@
-// Which x86 vector extension the sparse_mm CPU kernel uses, chosen at run time: the
-// widest the CPU (and OS) supports, as torch's own CPU dispatch does, unless a caller
-// asks for a narrower one (tests run every path on one machine; benchmarks compare
-// them). The other CPU kernels pick theirs with target_clones, unaffected by this.
+// Which x86 vector extension the sparse_mm and conv_grad_bias_sq CPU kernels use,
+// chosen at run time: the widest the CPU (and OS) supports, as torch's own CPU
+// dispatch does, unless a caller asks for a narrower one (tests run every path on one
+// machine; benchmarks compare them). The other CPU kernels pick theirs with
+// target_clones, unaffected by this.
 #pragma once
 #include <string>
 

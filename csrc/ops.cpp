@@ -4,7 +4,7 @@
 //   csrc/composite/<family>.cpp  device-generic kernels built from ATen ops
 //                                (fisher_inverse, grad_blocks), one definition for every device;
 //   csrc/buffer_cache.cpp  the CPU kernels' host buffer cache and its empty_cache op;
-//   csrc/cpu_isa.cpp  the run-time choice of sparse_mm's CPU vector extension.
+//   csrc/cpu_isa.cpp  the run-time choice of the sparse_mm and conv_grad_bias_sq CPU vector extension.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -35,6 +35,11 @@ TORCH_LIBRARY(fastprune, m) {
   // bound (0-dim) is the total of both sums of squares, computed from x and dy alone
   // when T = 1: finite exactly when every entry of them is.
   m.def("grad_bias_sq(Tensor x, Tensor dy, float scale=1.0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // grad_bias_sq of a Conv2d layer from its input x (N, C, H, W) and output gradient
+  // dy (N, O, H', W') (see conv_grad_stats.h): the same five results, the weight's
+  // (groups, O/groups, C/groups*kh*kw), without unfolding the input. Padding is zeros.
+  m.def("conv_grad_bias_sq(Tensor x, Tensor dy, int[2] kernel_size, int[2] stride, int[2] padding, "
+        "int[2] dilation, int groups, float scale=1.0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Sums over the first dim of per-sample values t (N, *shape): (sum_n t_n, sum_n t_n^2),
   // each of `shape`, in one pass (biases and the other closed-form parameters).
   m.def("sum_sq(Tensor per_sample) -> (Tensor, Tensor)");
@@ -81,7 +86,8 @@ TORCH_LIBRARY(fastprune, m) {
   // returns the bytes released.
   m.def("empty_cache() -> int");
 
-  // The x86 vector extension of the sparse_mm CPU kernel (see cpu_isa.h): "" reads it; "auto",
-  // "avx512", "avx2" or "generic" sets it (up to what the CPU supports).
+  // The x86 vector extension of the sparse_mm and conv_grad_bias_sq CPU kernels (see
+  // cpu_isa.h): "" reads it; "auto", "avx512", "avx2" or "generic" sets it (up to what the
+  // CPU supports).
   m.def("cpu_isa(str request='') -> str");
 }

@@ -16,7 +16,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
         "`pip install --no-build-isolation -e .` (torch must be installed first)."
     ) from exc
 
-__all__ = ["acc_dtype", "kth_smallest", "grad_sq", "grad_bias_sq", "sum_sq", "empty_cache", "per_sample_grads", "grad_blocks_accumulate", "fisher_inverse",
+__all__ = ["acc_dtype", "kth_smallest", "grad_sq", "grad_bias_sq", "conv_grad_bias_sq", "sum_sq", "empty_cache", "per_sample_grads", "grad_blocks_accumulate", "fisher_inverse",
            "lowrank_factor", "sparsegpt_sweep", "masked_sgd_", "masked_adam_", "sparse_mm", "sparse_mm_values_grad", "has_cuda_kernels", "cpu_isa"]
 
 
@@ -43,6 +43,15 @@ def _grad_sq_fake(x, dy):
 def _grad_bias_sq_fake(x, dy, scale=1.0):
     acc = acc_dtype(x.dtype)
     weight, bias = (x.shape[1], dy.shape[3], x.shape[3]), (x.shape[1], dy.shape[3])
+    return (x.new_empty(weight, dtype=acc), x.new_empty(weight, dtype=acc), x.new_empty(bias, dtype=acc),
+            x.new_empty(bias, dtype=acc), x.new_empty((), dtype=acc))
+
+
+@torch.library.register_fake("fastprune::conv_grad_bias_sq")
+def _conv_grad_bias_sq_fake(x, dy, kernel_size, stride, padding, dilation, groups, scale=1.0):
+    acc = acc_dtype(x.dtype)
+    weight = (groups, dy.shape[1] // groups, x.shape[1] // groups * kernel_size[0] * kernel_size[1])
+    bias = (groups, dy.shape[1] // groups)
     return (x.new_empty(weight, dtype=acc), x.new_empty(weight, dtype=acc), x.new_empty(bias, dtype=acc),
             x.new_empty(bias, dtype=acc), x.new_empty((), dtype=acc))
 
@@ -118,6 +127,17 @@ def grad_bias_sq(x: torch.Tensor, dy: torch.Tensor, scale: float = 1.0) -> tuple
     every entry of them is (computed from ``x`` and ``dy`` when T = 1, so checking the
     statistics costs no pass over them)."""
     return torch.ops.fastprune.grad_bias_sq(x, dy, float(scale))
+
+
+def conv_grad_bias_sq(x: torch.Tensor, dy: torch.Tensor, kernel_size, stride, padding, dilation, groups: int,
+                      scale: float = 1.0) -> tuple[torch.Tensor, ...]:
+    """:func:`grad_bias_sq` of a Conv2d layer from its input ``x`` (N, C, H, W) and output
+    gradient ``dy`` (N, O, H', W'), with zero ``padding`` (two values each for
+    ``kernel_size``, ``stride``, ``padding`` and ``dilation``). The weight sums are
+    (groups, O/groups, C/groups*kh*kw), the weight's flattened order. On CPU the input is
+    never unfolded: an implicit-GEMM kernel squares each sample's gradient in registers."""
+    return torch.ops.fastprune.conv_grad_bias_sq(x, dy, list(kernel_size), list(stride), list(padding),
+                                                 list(dilation), int(groups), float(scale))
 
 
 def sum_sq(per_sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,9 +254,10 @@ def has_cuda_kernels() -> bool:
 
 
 def cpu_isa(request: str = "") -> str:
-    """The x86 vector extension the sparse layers' CPU kernel (``sparse_mm``) runs with:
-    ``"avx512"``, ``"avx2"`` or ``"generic"``. By default the widest this CPU supports,
-    detected at load time (the other CPU kernels choose theirs per function).
+    """The x86 vector extension the sparse layers' CPU kernel (``sparse_mm``) and the conv
+    statistics kernel (``conv_grad_bias_sq``) run with: ``"avx512"``, ``"avx2"`` or
+    ``"generic"``. By default the widest this CPU supports, detected at load time (the
+    other CPU kernels choose theirs per function).
 
     ``cpu_isa("avx2")`` (or ``"generic"``) switches to a narrower one, e.g. to compare
     them; ``cpu_isa("auto")`` goes back to the widest. Asking for more than the CPU

@@ -57,6 +57,19 @@ def test_grad_sq_sum_sq_per_sample(shape, dtype):
         close(cpu, gpu, dtype)
 
 
+@pytest.mark.parametrize("cfg", [((4, 3, 9, 8), 32, (3, 3), (1, 1), (1, 1), (1, 1), 1),
+                                 ((3, 8, 7, 11), 48, (3, 2), (2, 1), (0, 2), (2, 1), 4)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_conv_grad_bias_sq(cfg, dtype):
+    shape, o, k, s, p, d, g = cfg
+    x = torch.randn(shape, dtype=torch.float64).to(dtype)
+    out = torch.nn.functional.conv2d(x.double(), torch.zeros(o, shape[1] // g, *k, dtype=torch.float64), None, s, p,
+                                     d, g)
+    dy = torch.randn(out.shape, dtype=torch.float64).to(dtype)
+    for cpu, gpu in zip(*on_both(_ops.conv_grad_bias_sq, x, dy, k, s, p, d, g, 0.5)):
+        close(cpu, gpu, dtype)
+
+
 @pytest.mark.parametrize("block", [1, 7, 64])
 def test_grad_blocks_accumulate(block):
     x, dy = torch.randn(6, 3, 4, 5, dtype=torch.float64), torch.randn(6, 3, 4, 3, dtype=torch.float64)

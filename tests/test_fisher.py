@@ -122,21 +122,30 @@ CONV2D = [dict(stride=s, padding=p, dilation=d, groups=g, bias=b)
           for s, p, d, g, b in itertools.product([1, 2], [0, 2], [1, 2], [1, 2], [True, False])]
 
 
+def conv_route(monkeypatch, route):
+    """Forces the weight's route: one grouped backward convolution ("direct"), im2col +
+    GEMMs, or the conv_grad_bias_sq op ("implicit", CPU)."""
+    monkeypatch.setattr(formulas, "DIRECT_CONV_MAX_FAN_IN", 1 << 30 if route == "direct" else -1)
+    monkeypatch.setattr(formulas, "IMPLICIT_CONV_MIN_CHANNELS", 1 if route == "implicit" else 1 << 30)
+
+
+ROUTES = ["direct", "im2col", "implicit"]
+
+
 @pytest.mark.parametrize("cfg", CONV2D + [dict(padding="same", dilation=2), dict(padding="same", groups=6),
                                           dict(padding=1, padding_mode="circular"),
                                           dict(padding=(1, 2), padding_mode="reflect", stride=(2, 1))])
-@pytest.mark.parametrize("route", ["direct", "im2col"])
+@pytest.mark.parametrize("route", ROUTES)
 def test_conv2d_grid(cfg, route, monkeypatch):
-    # Either per-sample route for the weight: one grouped backward convolution, or im2col + GEMMs.
-    monkeypatch.setattr(formulas, "DIRECT_CONV_MAX_FAN_IN", 1 << 30 if route == "direct" else -1)
+    conv_route(monkeypatch, route)
     conv = nn.Conv2d(6, 4 if cfg.get("groups", 1) != 6 else 6, (3, 2) if cfg.get("padding") != "same" else 4, **cfg)
     model = conv_model(conv, (6, 9, 8))
     assert_stats(model, torch.randn(7, 6, 9, 8, dtype=torch.float64), torch.randint(0, 3, (7,)))
 
 
-@pytest.mark.parametrize("route", ["direct", "im2col"])
+@pytest.mark.parametrize("route", ROUTES)
 def test_conv_non_contiguous_input(route, monkeypatch):
-    monkeypatch.setattr(formulas, "DIRECT_CONV_MAX_FAN_IN", 1 << 30 if route == "direct" else -1)
+    conv_route(monkeypatch, route)
     model = conv_model(nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), (4, 9, 7))
     x = torch.randn(5, 4, 7, 9, dtype=torch.float64).transpose(2, 3)  # (5, 4, 9, 7), non-contiguous
     assert_stats(model, x, torch.randint(0, 3, (5,)))
@@ -144,7 +153,7 @@ def test_conv_non_contiguous_input(route, monkeypatch):
 
 def test_conv_sums_over_several_sample_tiles(monkeypatch):
     # A budget of about two samples' unfolded input: the sums run over tiles of 2 and a ragged last one.
-    monkeypatch.setattr(formulas, "DIRECT_CONV_MAX_FAN_IN", -1)
+    conv_route(monkeypatch, "im2col")
     monkeypatch.setattr(formulas, "_SUM_TILE_BYTES", 2 * 6 * 3 * 2 * 7 * 7 * 4)
     conv = nn.Conv2d(6, 4, (3, 2), bias=True)
     model = conv_model(conv, (6, 9, 8))
@@ -173,11 +182,35 @@ def test_conv_stem_direct_route(cfg, tiles, monkeypatch):
 
 @pytest.mark.parametrize("cfg", [dict(), dict(stride=2, padding=1, dilation=2), dict(groups=5, padding="same"),
                                  dict(padding=2, padding_mode="replicate", bias=False)])
-@pytest.mark.parametrize("route", ["direct", "im2col"])
+@pytest.mark.parametrize("route", ROUTES)
 def test_conv1d(cfg, route, monkeypatch):
-    monkeypatch.setattr(formulas, "DIRECT_CONV_MAX_FAN_IN", 1 << 30 if route == "direct" else -1)
+    conv_route(monkeypatch, route)
     model = conv_model(nn.Conv1d(5, 5, 3, **cfg), (5, 11))
     assert_stats(model, torch.randn(6, 5, 11, dtype=torch.float64), torch.randint(0, 3, (6,)))
+
+
+def test_cnn_with_default_routes(monkeypatch):
+    # The benchmark CNN's layout at a small size: 3->32 (direct route's fan-in, but 32 channels:
+    # the op), 32->64 and 64->64 stride 2 (the op), and a conv shared by two calls, whose
+    # per-sample gradient sums both calls before squaring (not the op).
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 64, 3, padding=1)
+            self.c3, self.shared = nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.Conv2d(64, 64, 1)
+            self.head = nn.Linear(64, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.c3(F.max_pool2d(torch.relu(self.c2(torch.relu(self.c1(x)))), 2)))
+            h = self.shared(torch.tanh(self.shared(h)))
+            return self.head(h.mean((2, 3)))
+    used = []
+    op = formulas._ops.conv_grad_bias_sq
+    monkeypatch.setattr(formulas._ops, "conv_grad_bias_sq", lambda x, *a: used.append(x.shape[1]) or op(x, *a))
+    torch.manual_seed(0)
+    model = Net().double()
+    assert_stats(model, torch.randn(6, 3, 8, 8, dtype=torch.float64), torch.randint(0, 3, (6,)), batch=3)
+    assert used == [3, 32, 64] * 3  # c1, c2, c3 (never the shared conv) in the probe and two batches
 
 
 def test_batchnorm_eval_and_embedding():

@@ -16,15 +16,10 @@
 #include "../buffer_cache.h"
 #include "../cpu_isa.h"
 #include "../sparse_mm.h"
+#include "simd.h"
 
 namespace fastprune {
 namespace {
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FASTPRUNE_X86 1
-#define FASTPRUNE_AVX512 __attribute__((target("arch=x86-64-v4")))
-#define FASTPRUNE_AVX2 __attribute__((target("arch=x86-64-v3")))
-#endif
 
 // Column indices are stored as int16 and read as unsigned (up to 65536 columns).
 template <typename I>
@@ -32,13 +27,6 @@ C10_ALWAYS_INLINE int64_t col(const I* c, int64_t j) {
   if constexpr (sizeof(I) == 2) return static_cast<uint16_t>(c[j]);
   else return c[j];
 }
-
-// GCC vectors of VB bytes, loadable from any element-aligned address.
-template <typename T, int VB>
-struct Vec {
-  typedef T type __attribute__((vector_size(VB), aligned(sizeof(T))));
-  static constexpr int lanes = VB / sizeof(T);
-};
 
 struct Tile {
   int64_t m0, width;
