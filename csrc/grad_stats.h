@@ -88,11 +88,22 @@ struct GradSums {
   at::Tensor grad, sq, bias_grad, bias_sq, bound;
 };
 
+// No device kernel for the rank-1 sums: the two GEMMs of grad_sq_impl compute them.
+struct GemmRank1 {
+  bool operator()(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&,
+                  double) const {
+    return false;
+  }
+};
+
 // The sums, all times `scale`. `reduce(tile, grad, sq)` adds a tile's column sums and
-// column sums of squares into the flat accumulators in one pass.
-template <typename Reduce>
+// column sums of squares into the flat accumulators in one pass. `rank1(x (N, K), dy
+// (N, O), dy2 (N, O), grad (O, K), sq (O, K), x_sq_rows (N), scale)` may compute one
+// group's T = 1 sums in its own kernel (plus the row sums of x^2, for the bound) and
+// return true, or return false to leave them to the GEMMs.
+template <typename Reduce, typename Rank1 = GemmRank1>
 GradSums grad_sq_impl(const at::Tensor& x_in, const at::Tensor& dy_in, Reduce reduce, bool bias = false,
-                      double scale = 1.0) {
+                      double scale = 1.0, Rank1 rank1 = {}) {
   check_stats_inputs(x_in, dy_in, "grad_sq");
   const auto acc = acc_type(x_in.scalar_type());
   const at::Tensor x = x_in.to(acc), dy = dy_in.to(acc);
@@ -105,21 +116,27 @@ GradSums grad_sq_impl(const at::Tensor& x_in, const at::Tensor& dy_in, Reduce re
     const auto x1 = x.select(2, 0), dy1 = dy.select(2, 0);
     // Every buffer comes from the host cache (see buffer_cache.h); mul is about 2x
     // faster than square() on CPU.
-    at::Tensor x2 = empty_cached(x1.sizes(), x.options()), dy2 = empty_cached(dy1.sizes(), x.options());
-    at::mul_out(x2, x1, x1);
+    at::Tensor dy2 = empty_cached(dy1.sizes(), x.options());
     at::mul_out(dy2, dy1, dy1);
     out.grad = empty_cached({G, O, K}, x.options());
     out.sq = empty_cached({G, O, K}, x.options());
-    if (G == 1) {
-      at::Tensor g0 = out.grad.select(0, 0), q0 = out.sq.select(0, 0);
-      at::addmm_out(g0, g0, dy1.select(1, 0).t(), x1.select(1, 0), 0, scale);
-      at::addmm_out(q0, q0, dy2.select(1, 0).t(), x2.select(1, 0), 0, scale);
-    } else {
-      at::baddbmm_out(out.grad, out.grad, dy1.permute({1, 2, 0}), x1.permute({1, 0, 2}), 0, scale);
-      at::baddbmm_out(out.sq, out.sq, dy2.permute({1, 2, 0}), x2.permute({1, 0, 2}), 0, scale);
-    }
+    at::Tensor g0 = out.grad.select(0, 0), q0 = out.sq.select(0, 0);
+    at::Tensor x_sq_rows = empty_cached({N}, x.options());
     // sum_ok sq = sum_n sum_g |dy2_ng| |x2_ng| from the inputs: no pass over the sums.
-    out.bound = (dy2.sum(-1) * x2.sum(-1)).sum() * scale;
+    if (G == 1 && rank1(x1.select(1, 0), dy1.select(1, 0), dy2.select(1, 0), g0, q0, x_sq_rows, scale)) {
+      out.bound = (dy2.select(1, 0).sum(-1) * x_sq_rows).sum() * scale;
+    } else {
+      at::Tensor x2 = empty_cached(x1.sizes(), x.options());
+      at::mul_out(x2, x1, x1);
+      if (G == 1) {
+        at::addmm_out(g0, g0, dy1.select(1, 0).t(), x1.select(1, 0), 0, scale);
+        at::addmm_out(q0, q0, dy2.select(1, 0).t(), x2.select(1, 0), 0, scale);
+      } else {
+        at::baddbmm_out(out.grad, out.grad, dy1.permute({1, 2, 0}), x1.permute({1, 0, 2}), 0, scale);
+        at::baddbmm_out(out.sq, out.sq, dy2.permute({1, 2, 0}), x2.permute({1, 0, 2}), 0, scale);
+      }
+      out.bound = (dy2.sum(-1) * x2.sum(-1)).sum() * scale;
+    }
     if (bias) {
       std::tie(out.bias_grad, out.bias_sq) = bias_sums(dy, dy2, reduce);
       if (scale != 1.0) {
@@ -156,17 +173,19 @@ GradSums grad_sq_impl(const at::Tensor& x_in, const at::Tensor& dy_in, Reduce re
 
 // The grad_sq op (weight sums only) and the grad_bias_sq op (weight and bias sums,
 // scaled, with their bound).
-template <typename Reduce>
-std::tuple<at::Tensor, at::Tensor> grad_sq_only(const at::Tensor& x, const at::Tensor& dy, Reduce reduce) {
-  GradSums s = grad_sq_impl(x, dy, reduce);
+template <typename Reduce, typename Rank1 = GemmRank1>
+std::tuple<at::Tensor, at::Tensor> grad_sq_only(const at::Tensor& x, const at::Tensor& dy, Reduce reduce,
+                                                Rank1 rank1 = {}) {
+  GradSums s = grad_sq_impl(x, dy, reduce, false, 1.0, rank1);
   return {s.grad, s.sq};
 }
 
-template <typename Reduce>
+template <typename Reduce, typename Rank1 = GemmRank1>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grad_bias_sq_op(const at::Tensor& x,
                                                                                      const at::Tensor& dy,
-                                                                                     double scale, Reduce reduce) {
-  GradSums s = grad_sq_impl(x, dy, reduce, true, scale);
+                                                                                     double scale, Reduce reduce,
+                                                                                     Rank1 rank1 = {}) {
+  GradSums s = grad_sq_impl(x, dy, reduce, true, scale, rank1);
   return {s.grad, s.sq, s.bias_grad, s.bias_sq, s.bound};
 }
 

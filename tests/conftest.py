@@ -2,6 +2,22 @@ import pytest
 import torch
 from torch import nn
 
+import fastprune
+
+
+def _supported_isas():
+    order = ["generic", "avx2", "avx512"]
+    return order[:order.index(fastprune.cpu_isa("auto")) + 1]
+
+
+@pytest.fixture(params=_supported_isas())
+def every_cpu_isa(request):
+    """Runs the test once per vector extension this CPU supports (the kernels that pick
+    theirs at run time: see fastprune.cpu_isa), then restores the default."""
+    fastprune.cpu_isa(request.param)
+    yield request.param
+    fastprune.cpu_isa("auto")
+
 
 @pytest.fixture(autouse=True)
 def _seed():

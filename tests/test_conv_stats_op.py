@@ -3,19 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fastprune
 from fastprune import _ops
-
-ISAS = [isa for isa in ("generic", "avx2", "avx512")
-        if ["generic", "avx2", "avx512"].index(isa) <= ["generic", "avx2", "avx512"].index(fastprune.cpu_isa("auto"))]
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    fastprune.cpu_isa(request.param)
-    yield request.param
-    fastprune.cpu_isa("auto")
-
 
 def reference(x, weight_shape, dy, stride, padding, dilation, groups):
     """Weight and bias sums of sum_n g_n and g_n**2 by one float64 backward per sample."""
@@ -45,7 +33,7 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:5])))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_against_per_sample_autograd(isa, case, dtype):
+def test_against_per_sample_autograd(every_cpu_isa, case, dtype):
     n, c, o, h, w, k, s, p, d, g = case
     torch.manual_seed(0)
     x = torch.randn(n, c, h, w, dtype=dtype)

@@ -49,6 +49,24 @@ def test_grad_bias_sq_adds_the_bias_sums(shape, dtype):
                                    atol=tol)
 
 
+# (N, K, O) of Linear's rank-1 case (T = 1), whose CPU kernel tiles 3 vectors of K by 4
+# rows of O (AVX-512; 2 by 3 otherwise) over chunks of 256 samples: none of them whole.
+@pytest.mark.parametrize("shape", [(1, 1, 1), (7, 47, 5), (256, 49, 4), (257, 100, 301), (600, 785, 13)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rank1_sums_on_every_vector_path(every_cpu_isa, shape, dtype):
+    n, k, o = shape
+    x = torch.randn(k, n, dtype=dtype).t()  # non-contiguous, as Linear's input may be
+    dy = torch.randn(n, o, dtype=dtype)
+    ref = (dy.double().t() @ x.double(), dy.double().square().t() @ x.double().square())
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    grad, sq, bgrad, bsq, bound = _ops.grad_bias_sq(x.view(n, 1, 1, k), dy.view(n, 1, 1, o), scale=0.5)
+    torch.testing.assert_close(grad[0].double(), 0.5 * ref[0], **tol)
+    torch.testing.assert_close(sq[0].double(), 0.5 * ref[1], **tol)
+    torch.testing.assert_close(bound.double(), 0.5 * (ref[1].sum() + dy.double().square().sum()), **tol)
+    for got, want in zip(_ops.grad_sq(x.view(n, 1, 1, k), dy.view(n, 1, 1, o)), ref):
+        torch.testing.assert_close(got[0].double(), want, **tol)
+
+
 @pytest.mark.parametrize("t", [1, 3])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e30])
 def test_grad_bias_sq_bound_is_non_finite_with_the_sums(t, bad):

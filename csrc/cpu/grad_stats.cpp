@@ -1,13 +1,180 @@
 // CPU per-sample gradient statistics: the fused column reduction behind grad_sq and
-// sum_sq (csrc/cuda/grad_stats.cu is the CUDA one; the tiles come from grad_stats.h).
+// sum_sq, and the rank-1 (T = 1) sums in one pass (csrc/cuda/grad_stats.cu is the CUDA
+// counterpart; the tiles come from grad_stats.h).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
+#include "../cpu_isa.h"
 #include "../grad_stats.h"
+#include "simd.h"
 
 namespace fastprune {
 namespace {
+
+// Rank-1 sums: g = scale dy^T x and q = scale (dy^2)^T x^2 over the N samples, both
+// GEMMs in one pass. x and x^2 are packed into panels of W = NV vectors of columns
+// (zero-padded), N rows each, and dy, dy^2 into rows padded to whole tiles; a tile of
+// MR output rows by one panel keeps both sums in registers while n runs over a chunk
+// of samples, dy[n, o] and dy^2[n, o] broadcast. The GEMMs it replaces are MKL's,
+// which runs its AVX2 code on AMD CPUs: on the AVX-512 EPYC the pass is about 1.5x
+// faster than the two sgemm calls.
+struct Rank1Shape {
+  int64_t N, K, O, Op, panels;
+};
+
+// The register tile: accumulators for both sums plus the panel row fill the vector
+// registers (32 with AVX-512, 16 otherwise).
+template <int VB>
+struct Rank1Tile {
+  static constexpr int NV = VB == 64 ? 3 : 2, MR = VB == 64 ? 4 : 3;
+};
+
+template <typename T, int VB>
+C10_ALWAYS_INLINE void rank1_tile(const T* __restrict__ xp, const T* __restrict__ x2p, const T* __restrict__ dyp,
+                                  const T* __restrict__ dy2p, const Rank1Shape& s, int64_t n0, int64_t n1, int64_t o0,
+                                  int64_t k0, T scale, bool add, T* __restrict__ g, T* __restrict__ q) {
+  using vec = typename Vec<T, VB>::type;
+  constexpr int L = Vec<T, VB>::lanes, NV = Rank1Tile<VB>::NV, MR = Rank1Tile<VB>::MR, W = NV * L;
+  vec ag[MR][NV], aq[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) ag[r][v] = aq[r][v] = vec{};
+  for (int64_t n = n0; n < n1; ++n) {
+    const vec* xr = reinterpret_cast<const vec*>(xp + n * W);
+    const vec* x2r = reinterpret_cast<const vec*>(x2p + n * W);
+    vec xv[NV], x2v[NV];
+    for (int v = 0; v < NV; ++v) xv[v] = xr[v], x2v[v] = x2r[v];
+    const T* d = dyp + n * s.Op + o0;
+    const T* d2 = dy2p + n * s.Op + o0;
+    for (int r = 0; r < MR; ++r) {
+      const T a = d[r], a2 = d2[r];
+      for (int v = 0; v < NV; ++v) {
+        ag[r][v] += a * xv[v];
+        aq[r][v] += a2 * x2v[v];
+      }
+    }
+  }
+  const int rows = static_cast<int>(std::min<int64_t>(MR, s.O - o0));
+  const int64_t width = std::min<int64_t>(W, s.K - k0);
+  for (int r = 0; r < rows; ++r) {
+    T* gr = g + (o0 + r) * s.K + k0;
+    T* qr = q + (o0 + r) * s.K + k0;
+    alignas(64) T tg[W], tq[W];
+    for (int v = 0; v < NV; ++v) {
+      *reinterpret_cast<vec*>(tg + v * L) = ag[r][v] * scale;
+      *reinterpret_cast<vec*>(tq + v * L) = aq[r][v] * scale;
+    }
+    if (add) {
+      for (int64_t j = 0; j < width; ++j) gr[j] += tg[j], qr[j] += tq[j];
+    } else {
+      for (int64_t j = 0; j < width; ++j) gr[j] = tg[j], qr[j] = tq[j];
+    }
+  }
+}
+
+// Samples per chunk: a chunk of both packed panels stays in L2 across the o tiles.
+constexpr int64_t kRank1Chunk = 256;
+
+// Work items [begin, end) of (panel, block of MR-row tiles).
+template <typename T, int VB>
+C10_ALWAYS_INLINE void rank1_items(const T* xp, const T* x2p, const T* dyp, const T* dy2p, const Rank1Shape& s,
+                                   int64_t row_blocks, T scale, T* g, T* q, int64_t begin, int64_t end) {
+  constexpr int L = Vec<T, VB>::lanes, W = Rank1Tile<VB>::NV * L, MR = Rank1Tile<VB>::MR;
+  const int64_t tiles = s.Op / MR, per_block = (tiles + row_blocks - 1) / row_blocks;
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t p = item / row_blocks, b = item % row_blocks;
+    const int64_t t0 = b * per_block, t1 = std::min(tiles, t0 + per_block);
+    const T* xpp = xp + p * s.N * W;
+    const T* x2pp = x2p + p * s.N * W;
+    for (int64_t n0 = 0; n0 < s.N; n0 += kRank1Chunk) {
+      const int64_t n1 = std::min(s.N, n0 + kRank1Chunk);
+      for (int64_t t = t0; t < t1; ++t)
+        rank1_tile<T, VB>(xpp, x2pp, dyp, dy2p, s, n0, n1, t * MR, p * W, scale, n0 > 0, g, q);
+    }
+  }
+}
+
+#define FASTPRUNE_RANK1_ENTRY(ATTR, NAME, T, VB)                                                             \
+  ATTR void NAME(const T* xp, const T* x2p, const T* dyp, const T* dy2p, const Rank1Shape& s, int64_t blocks, \
+                 T scale, T* g, T* q, int64_t begin, int64_t end) {                                          \
+    rank1_items<T, VB>(xp, x2p, dyp, dy2p, s, blocks, scale, g, q, begin, end);                              \
+  }
+#define FASTPRUNE_RANK1_ENTRIES(ATTR, ISA, VB)        \
+  FASTPRUNE_RANK1_ENTRY(ATTR, rank1_##ISA, float, VB) \
+  FASTPRUNE_RANK1_ENTRY(ATTR, rank1_##ISA, double, VB)
+FASTPRUNE_RANK1_ENTRIES(, generic, 16)
+#ifdef FASTPRUNE_X86
+FASTPRUNE_RANK1_ENTRIES(FASTPRUNE_AVX2, avx2, 32)
+FASTPRUNE_RANK1_ENTRIES(FASTPRUNE_AVX512, avx512, 64)
+#endif
+
+template <typename T>
+void rank1_dispatch(CpuIsa isa, const T* xp, const T* x2p, const T* dyp, const T* dy2p, const Rank1Shape& s,
+                    int64_t blocks, T scale, T* g, T* q, int64_t begin, int64_t end) {
+#ifdef FASTPRUNE_X86
+  if (isa == CpuIsa::avx512) return rank1_avx512(xp, x2p, dyp, dy2p, s, blocks, scale, g, q, begin, end);
+  if (isa == CpuIsa::avx2) return rank1_avx2(xp, x2p, dyp, dy2p, s, blocks, scale, g, q, begin, end);
+#endif
+  rank1_generic(xp, x2p, dyp, dy2p, s, blocks, scale, g, q, begin, end);
+}
+
+// x (N, K) and dy (N, O), any strides; grad and sq (O, K) contiguous. See GemmRank1.
+template <typename T>
+void rank1_sums(const at::Tensor& x, const at::Tensor& dy, at::Tensor& grad, at::Tensor& sq, at::Tensor& x_sq_rows,
+                double scale) {
+  const CpuIsa isa = cpu_isa();
+  const int vb = isa == CpuIsa::avx512 ? 64 : isa == CpuIsa::avx2 ? 32 : 16;
+  const int64_t L = vb / static_cast<int64_t>(sizeof(T)), W = (vb == 64 ? 3 : 2) * L, MR = vb == 64 ? 4 : 3;
+  const int64_t N = x.size(0), K = x.size(1), O = dy.size(1);
+  const Rank1Shape s{N, K, O, (O + MR - 1) / MR * MR, (K + W - 1) / W};
+  at::Tensor xp = empty_cached({s.panels, N, W}, x.options()), x2p = empty_cached({s.panels, N, W}, x.options());
+  at::Tensor dyp = empty_cached({N, s.Op}, x.options()), dy2p = empty_cached({N, s.Op}, x.options());
+  const auto xa = x.accessor<T, 2>(), da = dy.accessor<T, 2>();
+  T* xpd = xp.data_ptr<T>();
+  T* x2pd = x2p.data_ptr<T>();
+  T* dypd = dyp.data_ptr<T>();
+  T* dy2pd = dy2p.data_ptr<T>();
+  T* rows = x_sq_rows.data_ptr<T>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      T total = 0;
+      for (int64_t p = 0; p < s.panels; ++p) {
+        T* dst = xpd + (p * N + n) * W;
+        T* dst2 = x2pd + (p * N + n) * W;
+        for (int64_t j = 0; j < W; ++j) {
+          const int64_t k = p * W + j;
+          const T v = k < K ? xa[n][k] : T(0);
+          dst[j] = v, dst2[j] = v * v;
+          total += v * v;
+        }
+      }
+      rows[n] = total;
+      for (int64_t o = 0; o < s.Op; ++o) {
+        const T v = o < O ? da[n][o] : T(0);
+        dypd[n * s.Op + o] = v, dy2pd[n * s.Op + o] = v * v;
+      }
+    }
+  });
+  const int64_t threads = at::get_num_threads();
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(s.Op / MR, (threads + s.panels - 1) / s.panels));
+  T* g = grad.data_ptr<T>();
+  T* q = sq.data_ptr<T>();
+  at::parallel_for(0, s.panels * blocks, 1, [&](int64_t begin, int64_t end) {
+    rank1_dispatch<T>(isa, xpd, x2pd, dypd, dy2pd, s, blocks, static_cast<T>(scale), g, q, begin, end);
+  });
+}
+
+struct CpuRank1 {
+  bool operator()(const at::Tensor& x, const at::Tensor& dy, const at::Tensor&, at::Tensor& grad, at::Tensor& sq,
+                  at::Tensor& x_sq_rows, double scale) const {
+    if (x.size(0) == 0 || !grad.is_contiguous() || !sq.is_contiguous()) return false;
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "grad_sq_rank1_cpu",
+                               [&] { rank1_sums<scalar_t>(x, dy, grad, sq, x_sq_rows, scale); });
+    return true;
+  }
+};
 
 // grad[j] += sum_s tile[s, j]; sq[j] += sum_s tile[s, j]^2 in one read of the tile.
 // Threads own column ranges, so rows are read contiguously and vectorise.
@@ -34,12 +201,12 @@ void reduce_tile_cpu(const at::Tensor& tile, at::Tensor& grad, at::Tensor& sq) {
 }
 
 std::tuple<at::Tensor, at::Tensor> grad_sq_cpu(const at::Tensor& x, const at::Tensor& dy) {
-  return grad_sq_only(x, dy, reduce_tile_cpu);
+  return grad_sq_only(x, dy, reduce_tile_cpu, CpuRank1{});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grad_bias_sq_cpu(
     const at::Tensor& x, const at::Tensor& dy, double scale) {
-  return grad_bias_sq_op(x, dy, scale, reduce_tile_cpu);
+  return grad_bias_sq_op(x, dy, scale, reduce_tile_cpu, CpuRank1{});
 }
 
 std::tuple<at::Tensor, at::Tensor> sum_sq_cpu(const at::Tensor& t) { return sum_sq_impl(t, reduce_tile_cpu); }
