@@ -236,6 +236,18 @@ def test_batchnorm_eval_and_embedding():
     assert_stats(model, ids, torch.randint(0, 3, (8,)))
 
 
+def test_norm_formulas_over_several_sample_chunks(monkeypatch):
+    # A budget of two samples' activations: BatchNorm2d and LayerNorm run over chunks of 2, 2, 1.
+    monkeypatch.setattr(formulas, "_SUM_TILE_BYTES", 2 * 4 * 5 * 5 * 8)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Tanh(), nn.LayerNorm([5, 5]),
+                          nn.Flatten(), nn.Linear(100, 3)).double()
+    model[1].running_mean.uniform_(-1, 1)
+    model[1].running_var.uniform_(0.5, 2)
+    model.eval()
+    assert formulas._sample_chunks(torch.zeros(5, 4, 5, 5, dtype=torch.float64)) == [(0, 2), (2, 4), (4, 5)]
+    assert_stats(model, torch.randn(10, 3, 5, 5, dtype=torch.float64), torch.randint(0, 3, (10,)))
+
+
 def test_weight_sharing():
     class Twice(nn.Module):
         def __init__(self):
