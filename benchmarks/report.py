@@ -76,7 +76,7 @@ def main(bench_json, memory_md=None, *extra_md):
     flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")),
                  []) if platform.system() == "Linux" else []
     vectors = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-    print(HEADER.format(machine=f"{cpu} ({vectors}; fastprune sparse kernel: {fastprune.cpu_isa()}), "
+    print(HEADER.format(machine=f"{cpu} ({vectors}; fastprune kernels with run-time vector choice: {fastprune.cpu_isa()}), "
                                 f"{torch.get_num_threads()} threads", torch=torch.__version__,
                         date=datetime.date.today().isoformat()))
     sections = [

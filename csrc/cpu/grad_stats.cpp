@@ -61,6 +61,15 @@ C10_ALWAYS_INLINE void rank1_tile(const T* __restrict__ xp, const T* __restrict_
   for (int r = 0; r < rows; ++r) {
     T* gr = g + (o0 + r) * s.K + k0;
     T* qr = q + (o0 + r) * s.K + k0;
+    if (width == W) {  // whole vectors: stored directly
+      for (int v = 0; v < NV; ++v) {
+        vec* gv = reinterpret_cast<vec*>(gr + v * L);
+        vec* qv = reinterpret_cast<vec*>(qr + v * L);
+        *gv = add ? *gv + ag[r][v] * scale : ag[r][v] * scale;
+        *qv = add ? *qv + aq[r][v] * scale : aq[r][v] * scale;
+      }
+      continue;
+    }
     alignas(64) T tg[W], tq[W];
     for (int v = 0; v < NV; ++v) {
       *reinterpret_cast<vec*>(tg + v * L) = ag[r][v] * scale;
@@ -131,7 +140,12 @@ void rank1_sums(const at::Tensor& x, const at::Tensor& dy, at::Tensor& grad, at:
   const Rank1Shape s{N, K, O, (O + MR - 1) / MR * MR, (K + W - 1) / W};
   at::Tensor xp = empty_cached({s.panels, N, W}, x.options()), x2p = empty_cached({s.panels, N, W}, x.options());
   at::Tensor dyp = empty_cached({N, s.Op}, x.options()), dy2p = empty_cached({N, s.Op}, x.options());
-  const auto xa = x.accessor<T, 2>(), da = dy.accessor<T, 2>();
+  // Rows of unit stride pack as vectorised copies (the squares' row sums reordered, hence
+  // `omp simd reduction`); a transposed x (Linear's input may be) is made contiguous first.
+  const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous(), dc = dy.contiguous();
+  const T* xd = xc.const_data_ptr<T>();
+  const T* dd = dc.const_data_ptr<T>();
+  const int64_t ldx = xc.stride(0);
   T* xpd = xp.data_ptr<T>();
   T* x2pd = x2p.data_ptr<T>();
   T* dypd = dyp.data_ptr<T>();
@@ -139,22 +153,28 @@ void rank1_sums(const at::Tensor& x, const at::Tensor& dy, at::Tensor& grad, at:
   T* rows = x_sq_rows.data_ptr<T>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
+      const T* src = xd + n * ldx;
       T total = 0;
       for (int64_t p = 0; p < s.panels; ++p) {
-        T* dst = xpd + (p * N + n) * W;
-        T* dst2 = x2pd + (p * N + n) * W;
-        for (int64_t j = 0; j < W; ++j) {
-          const int64_t k = p * W + j;
-          const T v = k < K ? xa[n][k] : T(0);
+        T* __restrict__ dst = xpd + (p * N + n) * W;
+        T* __restrict__ dst2 = x2pd + (p * N + n) * W;
+        const int64_t width = std::min<int64_t>(W, K - p * W);
+        const T* part = src + p * W;
+#pragma omp simd reduction(+ : total)
+        for (int64_t j = 0; j < width; ++j) {
+          const T v = part[j];
           dst[j] = v, dst2[j] = v * v;
           total += v * v;
         }
+        for (int64_t j = width; j < W; ++j) dst[j] = dst2[j] = T(0);
       }
       rows[n] = total;
-      for (int64_t o = 0; o < s.Op; ++o) {
-        const T v = o < O ? da[n][o] : T(0);
-        dypd[n * s.Op + o] = v, dy2pd[n * s.Op + o] = v * v;
-      }
+      T* __restrict__ d = dypd + n * s.Op;
+      T* __restrict__ d2 = dy2pd + n * s.Op;
+      const T* dn = dd + n * O;
+#pragma omp simd
+      for (int64_t o = 0; o < O; ++o) d[o] = dn[o], d2[o] = dn[o] * dn[o];
+      for (int64_t o = O; o < s.Op; ++o) d[o] = d2[o] = T(0);
     }
   });
   const int64_t threads = at::get_num_threads();
