@@ -78,9 +78,15 @@ constexpr int rows_per_tile() {
 
 // An L x L block of src (rows ld_src apart) written transposed to dst (rows ld_dst
 // apart), L the lanes of one vector: log2(L) rounds of interleaving rows i and
-// i + L/2 give the transpose, about 4x faster than scalar copies.
+// i + L/2 give the transpose, about 4x faster than scalar copies. (__builtin_shuffle is
+// GCC's; other compilers copy scalars.)
 template <typename T, int VB>
 C10_ALWAYS_INLINE void transpose_block(const T* __restrict__ src, int64_t ld_src, T* __restrict__ dst, int64_t ld_dst) {
+#if !(defined(__GNUC__) && !defined(__clang__))
+  constexpr int L = Vec<T, VB>::lanes;
+  for (int i = 0; i < L; ++i)
+    for (int j = 0; j < L; ++j) dst[j * ld_dst + i] = src[i * ld_src + j];
+#else
   using vec = typename Vec<T, VB>::type;
   typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> index_t;
   typedef index_t mask __attribute__((vector_size(VB)));
@@ -100,6 +106,7 @@ C10_ALWAYS_INLINE void transpose_block(const T* __restrict__ src, int64_t ld_src
     for (int i = 0; i < L; ++i) r[i] = out[i];
   }
   for (int i = 0; i < L; ++i) *reinterpret_cast<vec*>(dst + i * ld_dst) = r[i];
+#endif
 }
 
 // dy of one sample and group, (Og, Tn) rows, into dyt (Tn, Op): whole vector blocks
@@ -182,13 +189,7 @@ C10_ALWAYS_INLINE void conv_items(const T* x, const T* dy, const Work& w, T* gt,
 #define FASTPRUNE_CONV_ENTRIES(ATTR, ISA, VB)         \
   FASTPRUNE_CONV_ENTRY(ATTR, conv_##ISA, float, VB)   \
   FASTPRUNE_CONV_ENTRY(ATTR, conv_##ISA, double, VB)
-FASTPRUNE_CONV_ENTRIES(, generic, 16)
-#ifdef FASTPRUNE_X86
-FASTPRUNE_CONV_ENTRIES(FASTPRUNE_AVX2, avx2, 32)
-FASTPRUNE_CONV_ENTRIES(FASTPRUNE_AVX512, avx512, 64)
-#endif
-
-int vector_bytes(CpuIsa isa) { return isa == CpuIsa::avx512 ? 64 : isa == CpuIsa::avx2 ? 32 : 16; }
+FASTPRUNE_EACH_ISA(FASTPRUNE_CONV_ENTRIES)
 
 template <typename T>
 void conv_dispatch(CpuIsa isa, const T* x, const T* dy, const Work& w, T* gt, T* qt, T* bias_ps, T* scratch,
@@ -208,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_grad
   const at::Tensor x = x_in.to(acc).contiguous(), dy = dy_in.to(acc).contiguous();
   const int64_t G = groups, Og = g.Og(), Kg = g.Kg(), Tn = g.T();
   const CpuIsa isa = cpu_isa();
-  const int64_t lanes = vector_bytes(isa) / x.element_size(), Op = (Og + lanes - 1) / lanes * lanes;
+  const int64_t lanes = each_isa_vector_bytes(isa) / x.element_size(), Op = (Og + lanes - 1) / lanes * lanes;
   // Host-cached buffers (buffer_cache.h): fresh ones fault on every call.
   at::Tensor gt = empty_cached({G, Kg, Op}, x.options()).zero_(), qt = empty_cached({G, Kg, Op}, x.options()).zero_();
   at::Tensor bias_ps = empty_cached({g.N, g.O}, x.options());

@@ -113,11 +113,7 @@ C10_ALWAYS_INLINE void rank1_items(const T* xp, const T* x2p, const T* dyp, cons
 #define FASTPRUNE_RANK1_ENTRIES(ATTR, ISA, VB)        \
   FASTPRUNE_RANK1_ENTRY(ATTR, rank1_##ISA, float, VB) \
   FASTPRUNE_RANK1_ENTRY(ATTR, rank1_##ISA, double, VB)
-FASTPRUNE_RANK1_ENTRIES(, generic, 16)
-#ifdef FASTPRUNE_X86
-FASTPRUNE_RANK1_ENTRIES(FASTPRUNE_AVX2, avx2, 32)
-FASTPRUNE_RANK1_ENTRIES(FASTPRUNE_AVX512, avx512, 64)
-#endif
+FASTPRUNE_EACH_ISA(FASTPRUNE_RANK1_ENTRIES)
 
 template <typename T>
 void rank1_dispatch(CpuIsa isa, const T* xp, const T* x2p, const T* dyp, const T* dy2p, const Rank1Shape& s,
@@ -134,7 +130,7 @@ template <typename T>
 void rank1_sums(const at::Tensor& x, const at::Tensor& dy, at::Tensor& grad, at::Tensor& sq, at::Tensor& x_sq_rows,
                 double scale) {
   const CpuIsa isa = cpu_isa();
-  const int vb = isa == CpuIsa::avx512 ? 64 : isa == CpuIsa::avx2 ? 32 : 16;
+  const int vb = each_isa_vector_bytes(isa);
   const int64_t L = vb / static_cast<int64_t>(sizeof(T)), W = (vb == 64 ? 3 : 2) * L, MR = vb == 64 ? 4 : 3;
   const int64_t N = x.size(0), K = x.size(1), O = dy.size(1);
   const Rank1Shape s{N, K, O, (O + MR - 1) / MR * MR, (K + W - 1) / W};
