@@ -2,7 +2,8 @@
 
 Each formula turns a module's captured calls ``[(input, output_grad), ...]`` into
 per-sample statistics of its parameters. Weights of Linear and Conv1d/Conv2d are
-reduced to a grouped linear map (x, dy) handled by the C++/CUDA ops; biases,
+reduced to a grouped linear map (x, dy) handled by the C++/CUDA ops (on CPU, the
+sums of a wide conv come straight from its input via ``conv_grad_bias_sq``); biases,
 norm affines and embeddings use short closed forms. Multiple calls of one module
 (weight sharing) add up inside each sample's gradient, as autograd would.
 """
