@@ -15,14 +15,14 @@ namespace fastprune {
 namespace {
 
 // Rank-1 sums: g = scale dy^T x and q = scale (dy^2)^T x^2 over the N samples, both
-// GEMMs in one pass. x and x^2 are packed into panels of W = NV vectors of columns
-// (zero-padded), N rows each, and dy, dy^2 into rows padded to whole tiles; a tile of
-// MR output rows by one panel keeps both sums in registers while n runs over a chunk
-// of samples, dy[n, o] and dy^2[n, o] broadcast. The GEMMs it replaces are MKL's,
+// GEMMs in one pass. A chunk of samples at a time, x and x^2 are packed into panels of
+// W = NV vectors of columns (zero-padded) and dy, dy^2 into rows padded to whole tiles;
+// a tile of MR output rows by one panel keeps both sums in registers while n runs over
+// the chunk, dy[n, o] and dy^2[n, o] broadcast. The GEMMs it replaces are MKL's,
 // which runs its AVX2 code on AMD CPUs: on the AVX-512 EPYC the pass is about 1.5x
 // faster than the two sgemm calls.
 struct Rank1Shape {
-  int64_t N, K, O, Op, panels;
+  int64_t S, K, O, Op, panels;  // S: the samples packed (one chunk)
 };
 
 // The register tile: accumulators for both sums plus the panel row fill the vector
@@ -83,32 +83,29 @@ C10_ALWAYS_INLINE void rank1_tile(const T* __restrict__ xp, const T* __restrict_
   }
 }
 
-// Samples per chunk: a chunk of both packed panels stays in L2 across the o tiles.
+// Samples per packed chunk: both panels of a chunk stay in L2 across the o tiles, and the
+// packed copies stay small whatever the batch.
 constexpr int64_t kRank1Chunk = 256;
 
-// Work items [begin, end) of (panel, block of MR-row tiles).
+// Work items [begin, end) of (panel, block of MR-row tiles) over one packed chunk; `add`:
+// the sums already hold earlier chunks'.
 template <typename T, int VB>
 C10_ALWAYS_INLINE void rank1_items(const T* xp, const T* x2p, const T* dyp, const T* dy2p, const Rank1Shape& s,
-                                   int64_t row_blocks, T scale, T* g, T* q, int64_t begin, int64_t end) {
+                                   int64_t row_blocks, T scale, bool add, T* g, T* q, int64_t begin, int64_t end) {
   constexpr int L = Vec<T, VB>::lanes, W = Rank1Tile<VB>::NV * L, MR = Rank1Tile<VB>::MR;
   const int64_t tiles = s.Op / MR, per_block = (tiles + row_blocks - 1) / row_blocks;
   for (int64_t item = begin; item < end; ++item) {
     const int64_t p = item / row_blocks, b = item % row_blocks;
     const int64_t t0 = b * per_block, t1 = std::min(tiles, t0 + per_block);
-    const T* xpp = xp + p * s.N * W;
-    const T* x2pp = x2p + p * s.N * W;
-    for (int64_t n0 = 0; n0 < s.N; n0 += kRank1Chunk) {
-      const int64_t n1 = std::min(s.N, n0 + kRank1Chunk);
-      for (int64_t t = t0; t < t1; ++t)
-        rank1_tile<T, VB>(xpp, x2pp, dyp, dy2p, s, n0, n1, t * MR, p * W, scale, n0 > 0, g, q);
-    }
+    for (int64_t t = t0; t < t1; ++t)
+      rank1_tile<T, VB>(xp + p * s.S * W, x2p + p * s.S * W, dyp, dy2p, s, 0, s.S, t * MR, p * W, scale, add, g, q);
   }
 }
 
 #define FASTPRUNE_RANK1_ENTRY(ATTR, NAME, T, VB)                                                             \
   ATTR void NAME(const T* xp, const T* x2p, const T* dyp, const T* dy2p, const Rank1Shape& s, int64_t blocks, \
-                 T scale, T* g, T* q, int64_t begin, int64_t end) {                                          \
-    rank1_items<T, VB>(xp, x2p, dyp, dy2p, s, blocks, scale, g, q, begin, end);                              \
+                 T scale, bool add, T* g, T* q, int64_t begin, int64_t end) {                                \
+    rank1_items<T, VB>(xp, x2p, dyp, dy2p, s, blocks, scale, add, g, q, begin, end);                         \
   }
 #define FASTPRUNE_RANK1_ENTRIES(ATTR, ISA, VB)        \
   FASTPRUNE_RANK1_ENTRY(ATTR, rank1_##ISA, float, VB) \
@@ -117,44 +114,28 @@ FASTPRUNE_EACH_ISA(FASTPRUNE_RANK1_ENTRIES)
 
 template <typename T>
 void rank1_dispatch(CpuIsa isa, const T* xp, const T* x2p, const T* dyp, const T* dy2p, const Rank1Shape& s,
-                    int64_t blocks, T scale, T* g, T* q, int64_t begin, int64_t end) {
+                    int64_t blocks, T scale, bool add, T* g, T* q, int64_t begin, int64_t end) {
 #ifdef FASTPRUNE_X86
-  if (isa == CpuIsa::avx512) return rank1_avx512(xp, x2p, dyp, dy2p, s, blocks, scale, g, q, begin, end);
-  if (isa == CpuIsa::avx2) return rank1_avx2(xp, x2p, dyp, dy2p, s, blocks, scale, g, q, begin, end);
+  if (isa == CpuIsa::avx512) return rank1_avx512(xp, x2p, dyp, dy2p, s, blocks, scale, add, g, q, begin, end);
+  if (isa == CpuIsa::avx2) return rank1_avx2(xp, x2p, dyp, dy2p, s, blocks, scale, add, g, q, begin, end);
 #endif
-  rank1_generic(xp, x2p, dyp, dy2p, s, blocks, scale, g, q, begin, end);
+  rank1_generic(xp, x2p, dyp, dy2p, s, blocks, scale, add, g, q, begin, end);
 }
 
-// x (N, K) and dy (N, O), any strides; grad and sq (O, K) contiguous. See GemmRank1.
+// Rows [0, s.S) of x (row stride ldx, unit column stride) and dy (contiguous) packed as
+// rank1_items reads them (panels of W columns), with the row sums of x^2. Unit-stride
+// rows pack as vectorised copies (the row sums reordered, hence `omp simd reduction`).
 template <typename T>
-void rank1_sums(const at::Tensor& x, const at::Tensor& dy, at::Tensor& grad, at::Tensor& sq, at::Tensor& x_sq_rows,
-                double scale) {
-  const CpuIsa isa = cpu_isa();
-  const int vb = each_isa_vector_bytes(isa);
-  const int64_t L = vb / static_cast<int64_t>(sizeof(T)), W = (vb == 64 ? 3 : 2) * L, MR = vb == 64 ? 4 : 3;
-  const int64_t N = x.size(0), K = x.size(1), O = dy.size(1);
-  const Rank1Shape s{N, K, O, (O + MR - 1) / MR * MR, (K + W - 1) / W};
-  at::Tensor xp = empty_cached({s.panels, N, W}, x.options()), x2p = empty_cached({s.panels, N, W}, x.options());
-  at::Tensor dyp = empty_cached({N, s.Op}, x.options()), dy2p = empty_cached({N, s.Op}, x.options());
-  // Rows of unit stride pack as vectorised copies (the squares' row sums reordered, hence
-  // `omp simd reduction`); a transposed x (Linear's input may be) is made contiguous first.
-  const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous(), dc = dy.contiguous();
-  const T* xd = xc.const_data_ptr<T>();
-  const T* dd = dc.const_data_ptr<T>();
-  const int64_t ldx = xc.stride(0);
-  T* xpd = xp.data_ptr<T>();
-  T* x2pd = x2p.data_ptr<T>();
-  T* dypd = dyp.data_ptr<T>();
-  T* dy2pd = dy2p.data_ptr<T>();
-  T* rows = x_sq_rows.data_ptr<T>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+void pack_chunk(const T* xd, int64_t ldx, const T* dd, const Rank1Shape& s, int64_t W, T* xpd, T* x2pd, T* dypd,
+                T* dy2pd, T* rows) {
+  at::parallel_for(0, s.S, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const T* src = xd + n * ldx;
       T total = 0;
       for (int64_t p = 0; p < s.panels; ++p) {
-        T* __restrict__ dst = xpd + (p * N + n) * W;
-        T* __restrict__ dst2 = x2pd + (p * N + n) * W;
-        const int64_t width = std::min<int64_t>(W, K - p * W);
+        T* __restrict__ dst = xpd + (p * s.S + n) * W;
+        T* __restrict__ dst2 = x2pd + (p * s.S + n) * W;
+        const int64_t width = std::min<int64_t>(W, s.K - p * W);
         const T* part = src + p * W;
 #pragma omp simd reduction(+ : total)
         for (int64_t j = 0; j < width; ++j) {
@@ -167,19 +148,46 @@ void rank1_sums(const at::Tensor& x, const at::Tensor& dy, at::Tensor& grad, at:
       rows[n] = total;
       T* __restrict__ d = dypd + n * s.Op;
       T* __restrict__ d2 = dy2pd + n * s.Op;
-      const T* dn = dd + n * O;
+      const T* dn = dd + n * s.O;
 #pragma omp simd
-      for (int64_t o = 0; o < O; ++o) d[o] = dn[o], d2[o] = dn[o] * dn[o];
-      for (int64_t o = O; o < s.Op; ++o) d[o] = d2[o] = T(0);
+      for (int64_t o = 0; o < s.O; ++o) d[o] = dn[o], d2[o] = dn[o] * dn[o];
+      for (int64_t o = s.O; o < s.Op; ++o) d[o] = d2[o] = T(0);
     }
   });
-  const int64_t threads = at::get_num_threads();
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(s.Op / MR, (threads + s.panels - 1) / s.panels));
+}
+
+// x (N, K) and dy (N, O), any strides; grad and sq (O, K) contiguous. See GemmRank1.
+template <typename T>
+void rank1_sums(const at::Tensor& x, const at::Tensor& dy, at::Tensor& grad, at::Tensor& sq, at::Tensor& x_sq_rows,
+                double scale) {
+  const CpuIsa isa = cpu_isa();
+  const int vb = each_isa_vector_bytes(isa);
+  const int64_t L = vb / static_cast<int64_t>(sizeof(T)), W = (vb == 64 ? 3 : 2) * L, MR = vb == 64 ? 4 : 3;
+  const int64_t N = x.size(0), K = x.size(1), O = dy.size(1), C = std::min(N, kRank1Chunk);
+  const int64_t Op = (O + MR - 1) / MR * MR, panels = (K + W - 1) / W;
+  at::Tensor xp = empty_cached({panels, C, W}, x.options()), x2p = empty_cached({panels, C, W}, x.options());
+  at::Tensor dyp = empty_cached({C, Op}, x.options()), dy2p = empty_cached({C, Op}, x.options());
+  // A transposed x (Linear's input may be) is made contiguous first.
+  const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous(), dc = dy.contiguous();
+  const T* xd = xc.const_data_ptr<T>();
+  const T* dd = dc.const_data_ptr<T>();
+  const int64_t ldx = xc.stride(0);
+  T* xpd = xp.data_ptr<T>();
+  T* x2pd = x2p.data_ptr<T>();
+  T* dypd = dyp.data_ptr<T>();
+  T* dy2pd = dy2p.data_ptr<T>();
+  T* rows = x_sq_rows.data_ptr<T>();
   T* g = grad.data_ptr<T>();
   T* q = sq.data_ptr<T>();
-  at::parallel_for(0, s.panels * blocks, 1, [&](int64_t begin, int64_t end) {
-    rank1_dispatch<T>(isa, xpd, x2pd, dypd, dy2pd, s, blocks, static_cast<T>(scale), g, q, begin, end);
-  });
+  const int64_t threads = at::get_num_threads();
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(Op / MR, (threads + panels - 1) / panels));
+  for (int64_t c0 = 0; c0 < N; c0 += C) {
+    const Rank1Shape s{std::min(C, N - c0), K, O, Op, panels};
+    pack_chunk(xd + c0 * ldx, ldx, dd + c0 * O, s, W, xpd, x2pd, dypd, dy2pd, rows + c0);
+    at::parallel_for(0, panels * blocks, 1, [&](int64_t begin, int64_t end) {
+      rank1_dispatch<T>(isa, xpd, x2pd, dypd, dy2pd, s, blocks, static_cast<T>(scale), c0 > 0, g, q, begin, end);
+    });
+  }
 }
 
 struct CpuRank1 {
