@@ -88,22 +88,25 @@ struct GradSums {
   at::Tensor grad, sq, bias_grad, bias_sq, bound;
 };
 
-// No device kernel for the rank-1 sums: the two GEMMs of grad_sq_impl compute them.
-struct GemmRank1 {
-  bool operator()(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&,
-                  double) const {
+// A device's own kernels for the weight sums, each returning false to leave its case to
+// the ATen GEMMs of grad_sq_impl (these defaults):
+// - rank1(x (N, K), dy (N, O), dy2 (N, O), grad (O, K), sq (O, K), x_sq_rows (N), scale):
+//   one group's T = 1 sums, times scale, and the row sums of x^2 (for the bound);
+// - positions(x (N, G, T, K), dy (N, G, T, O), grad, sq): the T > 1 sums added into the
+//   zeroed (G, O, K) grad and sq, unscaled.
+struct AtenKernels {
+  bool rank1(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&,
+             double) const {
     return false;
   }
+  bool positions(const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&) const { return false; }
 };
 
 // The sums, all times `scale`. `reduce(tile, grad, sq)` adds a tile's column sums and
-// column sums of squares into the flat accumulators in one pass. `rank1(x (N, K), dy
-// (N, O), dy2 (N, O), grad (O, K), sq (O, K), x_sq_rows (N), scale)` may compute one
-// group's T = 1 sums in its own kernel (plus the row sums of x^2, for the bound) and
-// return true, or return false to leave them to the GEMMs.
-template <typename Reduce, typename Rank1 = GemmRank1>
+// column sums of squares into the flat accumulators in one pass; `kernels` as AtenKernels.
+template <typename Reduce, typename Kernels = AtenKernels>
 GradSums grad_sq_impl(const at::Tensor& x_in, const at::Tensor& dy_in, Reduce reduce, bool bias = false,
-                      double scale = 1.0, Rank1 rank1 = {}) {
+                      double scale = 1.0, Kernels kernels = {}) {
   check_stats_inputs(x_in, dy_in, "grad_sq");
   const auto acc = acc_type(x_in.scalar_type());
   const at::Tensor x = x_in.to(acc), dy = dy_in.to(acc);
@@ -123,7 +126,7 @@ GradSums grad_sq_impl(const at::Tensor& x_in, const at::Tensor& dy_in, Reduce re
     at::Tensor g0 = out.grad.select(0, 0), q0 = out.sq.select(0, 0);
     at::Tensor x_sq_rows = empty_cached({N}, x.options());
     // sum_ok sq = sum_n sum_g |dy2_ng| |x2_ng| from the inputs: no pass over the sums.
-    if (G == 1 && rank1(x1.select(1, 0), dy1.select(1, 0), dy2.select(1, 0), g0, q0, x_sq_rows, scale)) {
+    if (G == 1 && kernels.rank1(x1.select(1, 0), dy1.select(1, 0), dy2.select(1, 0), g0, q0, x_sq_rows, scale)) {
       out.bound = (dy2.select(1, 0).sum(-1) * x_sq_rows).sum() * scale;
     } else {
       at::Tensor x2 = empty_cached(x1.sizes(), x.options());
@@ -150,7 +153,9 @@ GradSums grad_sq_impl(const at::Tensor& x_in, const at::Tensor& dy_in, Reduce re
   if (bias) std::tie(out.bias_grad, out.bias_sq) = bias_sums(dy, at::Tensor(), reduce);
   out.grad = empty_cached({G, O, K}, x.options()).zero_();
   out.sq = empty_cached({G, O, K}, x.options()).zero_();
-  if (prefer_gemm_loop(x, dy)) {
+  if (kernels.positions(x, dy, out.grad, out.sq)) {
+    // the device's kernel added them
+  } else if (prefer_gemm_loop(x, dy)) {
     // One sample at a time: its gradient stays cache-resident between GEMM and reduction.
     at::Tensor buf = empty_cached({G, O, K}, x.options());
     const at::Tensor row = buf.view({1, -1});
@@ -173,19 +178,19 @@ GradSums grad_sq_impl(const at::Tensor& x_in, const at::Tensor& dy_in, Reduce re
 
 // The grad_sq op (weight sums only) and the grad_bias_sq op (weight and bias sums,
 // scaled, with their bound).
-template <typename Reduce, typename Rank1 = GemmRank1>
+template <typename Reduce, typename Kernels = AtenKernels>
 std::tuple<at::Tensor, at::Tensor> grad_sq_only(const at::Tensor& x, const at::Tensor& dy, Reduce reduce,
-                                                Rank1 rank1 = {}) {
-  GradSums s = grad_sq_impl(x, dy, reduce, false, 1.0, rank1);
+                                                Kernels kernels = {}) {
+  GradSums s = grad_sq_impl(x, dy, reduce, false, 1.0, kernels);
   return {s.grad, s.sq};
 }
 
-template <typename Reduce, typename Rank1 = GemmRank1>
+template <typename Reduce, typename Kernels = AtenKernels>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grad_bias_sq_op(const at::Tensor& x,
                                                                                      const at::Tensor& dy,
                                                                                      double scale, Reduce reduce,
-                                                                                     Rank1 rank1 = {}) {
-  GradSums s = grad_sq_impl(x, dy, reduce, true, scale, rank1);
+                                                                                     Kernels kernels = {}) {
+  GradSums s = grad_sq_impl(x, dy, reduce, true, scale, kernels);
   return {s.grad, s.sq, s.bias_grad, s.bias_sq, s.bound};
 }
 

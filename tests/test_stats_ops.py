@@ -67,6 +67,30 @@ def test_rank1_sums_on_every_vector_path(every_cpu_isa, shape, dtype):
         torch.testing.assert_close(got[0].double(), want, **tol)
 
 
+# (N, G, T, K, O) with T > 1 and O >= 32: the CPU kernel over positions, with O a whole
+# number of vectors (dy read in place) or not (copied), ragged row tiles, groups.
+@pytest.mark.parametrize("shape", [(3, 1, 5, 7, 32), (2, 1, 9, 13, 33), (4, 3, 2, 19, 48), (1, 2, 17, 1, 100),
+                                   (5, 1, 64, 40, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_position_sums_on_every_vector_path(every_cpu_isa, shape, dtype, layout):
+    n, g, t, k, o = shape
+    if layout == "contiguous":
+        x, dy = torch.randn(n, g, t, k, dtype=dtype), torch.randn(n, g, t, o, dtype=dtype)
+    else:  # strided views, as an unfolded conv input and a transposed output gradient give
+        x = torch.randn(n, g, k, t, dtype=dtype).transpose(2, 3)
+        dy = torch.randn(n, g, o, t, dtype=dtype).transpose(2, 3)
+    ps = explicit(x, dy)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    grad, sq, bgrad, bsq, bound = _ops.grad_bias_sq(x, dy, scale=0.5)
+    torch.testing.assert_close(grad.flatten().double(), 0.5 * ps.sum(0), **tol)
+    torch.testing.assert_close(sq.flatten().double(), 0.5 * ps.square().sum(0), **tol)
+    bias = dy.double().sum(2).flatten(1)
+    torch.testing.assert_close(bound.double(), 0.5 * (ps.square().sum() + bias.square().sum()), **tol)
+    for got, want in zip(_ops.grad_sq(x, dy), (ps.sum(0), ps.square().sum(0))):
+        torch.testing.assert_close(got.flatten().double(), want, **tol)
+
+
 @pytest.mark.parametrize("t", [1, 3])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e30])
 def test_grad_bias_sq_bound_is_non_finite_with_the_sums(t, bad):

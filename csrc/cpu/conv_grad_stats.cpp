@@ -2,9 +2,9 @@
 // GEMM, never unfolding the input.
 //
 // For each sample, the kernel pads the input into a small buffer and transposes the
-// output gradient to (T, O) rows. A register tile then holds G_n for MR weight rows k
-// by up to three vectors of output channels o, summed over the positions t: each
-// step broadcasts X_n[k, t] (read from the padded input through per-row and
+// output gradient to (T, O) rows. A register tile (sq_tile.h) then holds G_n for MR
+// weight rows k by up to three vectors of output channels o, summed over the positions
+// t: each step broadcasts X_n[k, t] (read from the padded input through per-row and
 // per-position offsets: no im2col) against one row of dy^T. The tile is squared
 // and added to the sums while still in registers, so G_n is never stored. Unlike
 // im2col + one GEMM per sample (the grad_bias_sq route), nothing the size of the
@@ -24,6 +24,7 @@
 #include "../cpu_isa.h"
 #include "../grad_stats.h"
 #include "simd.h"
+#include "sq_tile.h"
 
 namespace fastprune {
 namespace {
@@ -38,43 +39,6 @@ struct Work {
   const int64_t* koff;   // (Kg) offset of weight row k in the padded input
   int64_t scratch;       // elements of one thread's scratch: padded input and dy^T
 };
-
-// MR weight rows by NV vectors of output channels, summed over the T positions,
-// then squared into (g, q): rows [0, rows) of the tile are stored.
-template <typename T, int VB, int MR, int NV>
-C10_ALWAYS_INLINE void tile(const T* const* base, const int64_t* __restrict__ toff, const T* __restrict__ dyt,
-                            int64_t Op, int64_t positions, T* __restrict__ g, T* __restrict__ q, int rows) {
-  using vec = typename Vec<T, VB>::type;
-  constexpr int L = Vec<T, VB>::lanes;
-  vec acc[MR][NV];
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = vec{};
-  for (int64_t t = 0; t < positions; ++t) {
-    const vec* d = reinterpret_cast<const vec*>(dyt + t * Op);
-    vec dv[NV];
-    for (int v = 0; v < NV; ++v) dv[v] = d[v];
-    const int64_t off = toff[t];
-    for (int r = 0; r < MR; ++r) {
-      const T xs = base[r][off];
-      for (int v = 0; v < NV; ++v) acc[r][v] += xs * dv[v];
-    }
-  }
-  for (int r = 0; r < rows; ++r) {
-    for (int v = 0; v < NV; ++v) {
-      vec* gr = reinterpret_cast<vec*>(g + r * Op + v * L);
-      vec* qr = reinterpret_cast<vec*>(q + r * Op + v * L);
-      *gr += acc[r][v];
-      *qr += acc[r][v] * acc[r][v];
-    }
-  }
-}
-
-// Rows per tile: the accumulators and the dy^T vectors fill the vector registers
-// (32 with AVX-512, 16 otherwise) and keep at least eight FMA chains in flight.
-template <int VB, int NV>
-constexpr int rows_per_tile() {
-  return VB == 64 ? 8 : (NV == 3 ? 4 : 6);
-}
 
 // An L x L block of src (rows ld_src apart) written transposed to dst (rows ld_dst
 // apart), L the lanes of one vector: log2(L) rounds of interleaving rows i and
@@ -129,7 +93,6 @@ C10_ALWAYS_INLINE void transpose_dy(const T* src, int64_t Og, int64_t Tn, T* dyt
 template <typename T, int VB>
 C10_ALWAYS_INLINE void rows_task(const T* x, const T* dy, const Work& w, int64_t grp, int64_t k0, int64_t k1, T* gt,
                                  T* qt, T* bias_ps, T* scratch) {
-  constexpr int L = Vec<T, VB>::lanes;
   const ConvGeometry& g = w.g;
   const int64_t Cg = g.Cg(), Og = g.Og(), Kg = g.Kg(), Tn = g.T(), Op = w.Op;
   const int64_t Hp = g.H + 2 * g.ph, Wp = g.W + 2 * g.pw;
@@ -152,19 +115,7 @@ C10_ALWAYS_INLINE void rows_task(const T* x, const T* dy, const Work& w, int64_t
         for (int64_t o = 0; o < Og; ++o) b[o] += row[o];
       }
     }
-    auto run = [&](auto nv_tag, int64_t o0) {
-      constexpr int NV = decltype(nv_tag)::value, MR = rows_per_tile<VB, NV>();
-      for (int64_t k = k0; k < k1; k += MR) {
-        const T* base[MR];
-        for (int r = 0; r < MR; ++r) base[r] = padded + w.koff[std::min(k + r, Kg - 1)];
-        tile<T, VB, MR, NV>(base, w.toff, dyt + o0, Op, Tn, gt + k * Op + o0, qt + k * Op + o0,
-                            static_cast<int>(std::min<int64_t>(MR, k1 - k)));
-      }
-    };
-    int64_t o0 = 0;
-    for (; Op - o0 >= 3 * L; o0 += 3 * L) run(std::integral_constant<int, 3>{}, o0);
-    if (Op - o0 == 2 * L) run(std::integral_constant<int, 2>{}, o0);
-    else if (Op - o0 == L) run(std::integral_constant<int, 1>{}, o0);
+    sq_rows<T, VB>(padded, w.koff, Kg, k0, k1, w.toff, Tn, dyt, Op, Op, gt, qt);
   }
 }
 
