@@ -279,7 +279,10 @@ at::Tensor sparse_mm_values_grad_cpu_3d(const at::Tensor& row_ptr, const at::Ten
 template <typename T>
 void transpose_blocked(const T* __restrict__ src, T* __restrict__ dst, int64_t R, int64_t C) {
   constexpr int64_t kB = 8;
-  at::parallel_for(0, (C + kB - 1) / kB, 16, [&](int64_t b0, int64_t b1) {
+  // Small inputs (Linear at batch 8: 32k elements) go in one thread: a parallel region's
+  // fork and join cost more than the copy.
+  const int64_t grain = R * C <= (int64_t{1} << 16) ? (C + kB - 1) / kB : 16;
+  at::parallel_for(0, (C + kB - 1) / kB, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t c0 = b0 * kB; c0 < std::min(C, b1 * kB); c0 += kB) {
       const int64_t c1 = std::min(C, c0 + kB);
       for (int64_t r0 = 0; r0 < R; r0 += kB) {
