@@ -90,12 +90,12 @@ struct GradSums {
 
 // A device's own kernels for the weight sums, each returning false to leave its case to
 // the ATen GEMMs of grad_sq_impl (these defaults):
-// - rank1(x (N, K), dy (N, O), dy2 (N, O), grad (O, K), sq (O, K), x_sq_rows (N), scale):
+// - rank1(x (N, K), dy (N, O), grad (O, K), sq (O, K), x_sq_rows (N), scale):
 //   one group's T = 1 sums, times scale, and the row sums of x^2 (for the bound);
 // - positions(x (N, G, T, K), dy (N, G, T, O), grad, sq): the T > 1 sums added into the
 //   zeroed (G, O, K) grad and sq, unscaled.
 struct AtenKernels {
-  bool rank1(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&,
+  bool rank1(const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&,
              double) const {
     return false;
   }
@@ -126,7 +126,7 @@ GradSums grad_sq_impl(const at::Tensor& x_in, const at::Tensor& dy_in, Reduce re
     at::Tensor g0 = out.grad.select(0, 0), q0 = out.sq.select(0, 0);
     at::Tensor x_sq_rows = empty_cached({N}, x.options());
     // sum_ok sq = sum_n sum_g |dy2_ng| |x2_ng| from the inputs: no pass over the sums.
-    if (G == 1 && kernels.rank1(x1.select(1, 0), dy1.select(1, 0), dy2.select(1, 0), g0, q0, x_sq_rows, scale)) {
+    if (G == 1 && kernels.rank1(x1.select(1, 0), dy1.select(1, 0), g0, q0, x_sq_rows, scale)) {
       out.bound = (dy2.select(1, 0).sum(-1) * x_sq_rows).sum() * scale;
     } else {
       at::Tensor x2 = empty_cached(x1.sizes(), x.options());

@@ -117,15 +117,15 @@ def test_woodfisher_on_a_shared_parameter_compensates_once():
 class BatchSecond(nn.Module):
     """Token model whose Linear and Embedding see (T, N, ...), as batch_first=False code does."""
 
-    def __init__(self):
+    def __init__(self, dim=6):
         super().__init__()
-        self.emb = nn.Embedding(13, 6)
-        self.fc = nn.Linear(6, 6)
-        self.norm = nn.LayerNorm(6)
-        self.head = nn.Linear(6, 3)
+        self.emb = nn.Embedding(13, dim)
+        self.fc = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 3)
 
     def forward(self, ids):  # ids (N, T)
-        h = self.norm(torch.relu(self.fc(self.emb(ids.t()))))  # (T, N, 6)
+        h = self.norm(torch.relu(self.fc(self.emb(ids.t()))))  # (T, N, dim)
         return self.head(h.mean(0))
 
 
@@ -166,12 +166,12 @@ def test_layers_whose_samples_merge_with_positions_fall_back():
 
 
 class Encoder(nn.Module):
-    def __init__(self, batch_first):
+    def __init__(self, batch_first, dim=8):
         super().__init__()
         self.batch_first = batch_first
-        self.emb = nn.Embedding(17, 8)
-        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=batch_first)
-        self.head = nn.Linear(8, 3)
+        self.emb = nn.Embedding(17, dim)
+        self.layer = nn.TransformerEncoderLayer(dim, 2, 2 * dim, dropout=0.0, batch_first=batch_first)
+        self.head = nn.Linear(dim, 3)
 
     def forward(self, ids):
         h = self.emb(ids if self.batch_first else ids.t())
@@ -220,6 +220,42 @@ def test_a_reused_collector_on_tied_time_first_and_attention_models(make):
         assert_diag(model, ids, y, collector=collector)
     fastprune.prune(model, Magnitude(), 0.5, progress=False)
     assert_diag(model, ids, y, collector=collector)
+
+
+class SmallConvNet(nn.Module):
+    """Convolutions with 32 channels and more: the CPU's conv_grad_bias_sq route."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 48, 3, stride=2, padding=1)
+        self.head = nn.Linear(48, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.c2(torch.relu(self.c1(x)))).mean((2, 3)))
+
+
+# Layers with 32 outputs and more reach the CPU kernels that sum over positions in
+# registers (Linear over tokens, convolutions); the small models above do not.
+WIDE = {"tied LM": lambda: TiedLM(vocab=40, dim=32), "batch second": lambda: BatchSecond(dim=32),
+        "encoder, batch_first=False": lambda: Encoder(False, dim=32),
+        "encoder, batch_first=True": lambda: Encoder(True, dim=32)}
+
+
+@pytest.mark.parametrize("make", list(WIDE.values()), ids=list(WIDE))
+def test_wide_token_models_against_one_backward_per_sample(make):
+    torch.manual_seed(0)
+    model = make().double()
+    ids, y = torch.randint(0, 13, (9, 5)), torch.randint(0, 3, (9,))
+    assert_diag(model, ids, y)
+    fastprune.prune(model, Magnitude(), 0.5, progress=False)
+    assert_diag(model, ids, y)
+
+
+def test_wide_convolutions_channels_last_against_one_backward_per_sample():
+    torch.manual_seed(0)
+    model = SmallConvNet().double().to(memory_format=torch.channels_last)
+    x = torch.randn(9, 3, 8, 8, dtype=torch.float64).to(memory_format=torch.channels_last)
+    assert_diag(model, x, torch.randint(0, 3, (9,)))
 
 
 @pytest.mark.parametrize("cell", [nn.RNN, nn.GRU, nn.LSTM])
@@ -557,15 +593,24 @@ def test_attention_in_proj_is_left_dense_with_a_warning(monkeypatch):
     assert "layer.self_attn.out_proj.weight" in masks and not hasattr(model.layer.self_attn, "in_proj_weight_orig")
 
 
+@pytest.mark.parametrize("make", [BatchSecond, lambda: BatchSecond(dim=32), SmallConvNet],
+                         ids=["narrow", "wide", "conv"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-2), (torch.bfloat16, 6e-2)])
-def test_16_bit_statistics_match_float64(dtype, tol):
+def test_16_bit_statistics_match_float64(dtype, tol, make):
     torch.manual_seed(0)
-    ref_model = BatchSecond().double()
-    ids, y = torch.randint(0, 13, (12, 5)), torch.randint(0, 3, (12,))
+    ref_model = make().double()
+    conv = isinstance(ref_model, SmallConvNet)
+    ids = torch.randn(12, 3, 8, 8) if conv else torch.randint(0, 13, (12, 5))
+    y = torch.randint(0, 3, (12,))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ref = fastprune.fisher_diag(ref_model, [(ids, y)], progress=False)
-        low = fastprune.fisher_diag(copy.deepcopy(ref_model).to(dtype), [(ids, y)], progress=False)
+        ref = fastprune.fisher_diag(ref_model, [(ids.double() if conv else ids, y)], progress=False)
+        low = fastprune.fisher_diag(copy.deepcopy(ref_model).to(dtype), [(ids.to(dtype) if conv else ids, y)],
+                                    progress=False)
+    if conv and dtype == torch.bfloat16:
+        # bfloat16's own forward and backward (8-bit mantissa, 27-input first conv): 0.098 on
+        # c1.weight with either conv route, the im2col one and conv_grad_bias_sq alike.
+        tol = 0.15
     for k in ref:
         assert low[k].dtype == torch.float32
         err = float((low[k].double() - ref[k]).abs().max() / ref[k].abs().max())

@@ -275,7 +275,7 @@ void positions_sums(const at::Tensor& x, const at::Tensor& dy, at::Tensor& grad,
 
 // The CPU's kernels for grad_sq_impl (see AtenKernels).
 struct CpuKernels {
-  bool rank1(const at::Tensor& x, const at::Tensor& dy, const at::Tensor&, at::Tensor& grad, at::Tensor& sq,
+  bool rank1(const at::Tensor& x, const at::Tensor& dy, at::Tensor& grad, at::Tensor& sq,
              at::Tensor& x_sq_rows, double scale) const {
     if (x.size(0) == 0 || !grad.is_contiguous() || !sq.is_contiguous()) return false;
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "grad_sq_rank1_cpu",
