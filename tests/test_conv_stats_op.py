@@ -84,6 +84,10 @@ def test_empty_batch_and_errors():
         _ops.conv_grad_bias_sq(x, dy[:1], (3, 3), (1, 1), (0, 0), (1, 1), 1)
     with pytest.raises(RuntimeError, match="must be >= 1"):
         _ops.conv_grad_bias_sq(x, dy, (3, 3), (0, 1), (0, 0), (1, 1), 1)
+    with pytest.raises(RuntimeError, match="two values each"):
+        torch.ops.fastprune.conv_grad_bias_sq(x, dy, [3, 3, 3], [1, 1], [0, 0], [1, 1], 1)
+    with pytest.raises(RuntimeError, match="must be floating point"):
+        _ops.conv_grad_bias_sq(x.long(), dy, (3, 3), (1, 1), (0, 0), (1, 1), 1)
 
 
 def test_opcheck():
